@@ -1,0 +1,39 @@
+# subgraph_metaproxy. Run as root on Debian 12; see README.md.
+#
+# Everything runs with Debian's interpreter: the python3 first on PATH may be
+# another build that cannot import python3-prctl, python3-seccomp and friends.
+PYTHON ?= /usr/bin/python3
+SYSPATH := /usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
+PYTEST := env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest -p no:cacheprovider
+
+.PHONY: check deps lint typecheck unit system demo deb bench bench-smoke soak clean
+
+check: deps lint typecheck unit system
+
+# Installs what the checks need, once, when run as root on Debian.
+deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  pkgs=$$(grep -v '^#' .ci/apt-packages | tr '\n' ' '); \
+	  missing=$$(for p in $$pkgs; do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	  fi; \
+	fi
+
+lint:
+	env PATH=$(SYSPATH) pyflakes3 metaproxy tests
+
+typecheck:
+	env PATH=$(SYSPATH) mypy --python-executable $(PYTHON) --config-file pyproject.toml metaproxy
+
+unit:
+	$(PYTEST) -q tests/unit
+
+# Root system tests in network namespaces; they refuse to be skipped silently.
+system:
+	$(PYTEST) -q tests/system
+
+clean:
+	rm -rf build .mypy_cache .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,161 @@
+"""The typed, frozen form of the configuration.
+
+Nothing outside ``metaproxy.config`` sees ConfigObj: the rest of the daemon
+works with these values only.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+
+class UpstreamType(enum.Enum):
+    SOCKS5 = "socks5"
+    SOCKS4 = "socks4"
+    SOCKS4A = "socks4a"
+    HTTP = "http"
+
+
+class Isolation(enum.Enum):
+    """Which connections share Tor circuits (through SOCKS credentials)."""
+
+    CONNECTION = "connection"
+    DESTINATION = "destination"
+    USER = "user"
+    NONE = "none"
+
+
+class RedirectMode(enum.Enum):
+    REDIRECT = "redirect"
+    TPROXY = "tproxy"
+
+
+class SeccompAction(enum.Enum):
+    KILL = "kill"
+    LOG = "log"
+    TRAP = "trap"
+    OFF = "off"
+
+
+@dataclass(frozen=True, slots=True)
+class InetAddress:
+    host: str  # an IP literal, never a name
+    port: int
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return ipaddress.ip_address(self.host)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnixAddress:
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+UpstreamAddress = InetAddress | UnixAddress
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    type: UpstreamType
+    address: UpstreamAddress
+    username: str = ""
+    password: str = field(default="", repr=False)
+    connect_timeout: float = 10.0
+    isolation: Isolation = Isolation.CONNECTION
+
+    def describe(self) -> str:
+        """One line for the relay table; the password is never shown."""
+        auth = f" user={self.username}" if self.username else ""
+        iso = f" isolation={self.isolation.value}" if self.type is UpstreamType.SOCKS5 else ""
+        return f"{self.name} ({self.type.value} {self.address}{auth}{iso})"
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    first: int
+    last: int
+    upstream: str
+
+    def __str__(self) -> str:
+        return f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """Destination port to upstream name.
+
+    A single port wins over a range, and a range over the ``*`` fallback.
+    Ranges are kept as ranges so that ``1-65535`` costs one entry, not 65535.
+    """
+
+    ports: dict[int, str] = field(default_factory=dict)
+    ranges: tuple[PortRange, ...] = ()
+    fallback: str | None = None
+
+    def lookup(self, port: int) -> str | None:
+        name = self.ports.get(port)
+        if name is not None:
+            return name
+        for r in self.ranges:
+            if r.first <= port <= r.last:
+                return r.upstream
+        return self.fallback
+
+    def names(self) -> set[str]:
+        found = set(self.ports.values()) | {r.upstream for r in self.ranges}
+        return found | ({self.fallback} if self.fallback else set())
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    listen: tuple[str, ...] = ("127.0.0.1", "::1")
+    port: int = 8675
+    mode: RedirectMode = RedirectMode.REDIRECT
+    user: str = "_metaproxy"
+    max_connections: int = 4096
+    idle_timeout: float = 900.0
+    connect_timeout: float = 10.0
+    drain_timeout: float = 10.0
+    log_destinations: bool = False
+    seccomp: SeccompAction = SeccompAction.KILL
+
+
+@dataclass(frozen=True, slots=True)
+class FirewallSettings:
+    dns: InetAddress | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    daemon: DaemonSettings
+    upstreams: dict[str, Upstream]
+    routes: RouteTable
+    firewall: FirewallSettings = FirewallSettings()
+    legacy: bool = False
+
+    def upstream_for(self, port: int) -> Upstream | None:
+        name = self.routes.lookup(port)
+        return None if name is None else self.upstreams[name]
+
+    def relay_table(self) -> list[str]:
+        """The effective table, one line per route, as ``-t`` prints it."""
+        lines = [f"{port:>11} -> {self.upstreams[name].describe()}"
+                 for port, name in sorted(self.routes.ports.items())]
+        lines += [f"{str(r):>11} -> {self.upstreams[r.upstream].describe()}"
+                  for r in self.routes.ranges]
+        if self.routes.fallback is not None:
+            lines.append(f"{'*':>11} -> {self.upstreams[self.routes.fallback].describe()}")
+        else:
+            lines.append(f"{'*':>11} -> refused (no fallback route)")
+        return lines
