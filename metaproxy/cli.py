@@ -1,0 +1,102 @@
+"""The command line: parse, load the config, then hand over to ``daemon``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from metaproxy import __version__
+from metaproxy.config import Config, load, replace_port
+from metaproxy.config.legacy import equivalent_text
+from metaproxy.errors import EX_CONFIG, EX_USAGE, ConfigError, MetaproxyError
+
+DEFAULT_CONFIG = "/etc/subgraph_metaproxy.conf"
+log = logging.getLogger("metaproxy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="subgraph_metaproxy",
+        description="Relay netfilter-redirected TCP connections through SOCKS and HTTP CONNECT proxies.")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
+                   help=f"configuration file (default {DEFAULT_CONFIG})")
+    p.add_argument("-t", "--test-config", action="store_true",
+                   help="check the configuration, print the relay table and exit")
+    p.add_argument("-p", "--port", type=_port, metavar="N", help="listen on port N instead of [daemon] port")
+    p.add_argument("-d", "--debug", action="store_true",
+                   help="verbose logs that include destinations (deanonymising)")
+    p.add_argument("--unprivileged", action="store_true",
+                   help="run as a non-root user without the privilege drop (development, socket "
+                        "activation); no-new-privs and the seccomp filter still apply")
+    p.add_argument("--log-target", choices=("auto", "journal", "stderr"), default="auto",
+                   help="where logs go (default auto: journald when started by systemd)")
+    p.add_argument("--print-rules", choices=("iptables", "ip6tables", "nftables"), metavar="BACKEND",
+                   help="print a firewall ruleset (iptables, ip6tables or nftables) for this config and exit")
+    p.add_argument("--strict", action="store_true",
+                   help="with --print-rules: reject all other outgoing traffic (Tor enforcement)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, found {text!r}")
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.strict and not args.print_rules:
+        parser.error("--strict only applies to --print-rules")
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        if not args.test_config:
+            print(f"subgraph_metaproxy: not starting; check the file with: subgraph_metaproxy -t -c {args.config}",
+                  file=sys.stderr)
+        return EX_CONFIG
+    if args.port:
+        config = replace_port(config, args.port)
+    if args.test_config:
+        return _print_table(config)
+    if args.print_rules:
+        return _print_rules(config, args.print_rules, args.strict)
+
+    from metaproxy import daemon  # the serving side: not needed by -t and --print-rules
+    try:
+        return daemon.run(config, debug=args.debug, unprivileged=args.unprivileged, log_target=args.log_target)
+    except MetaproxyError as e:
+        if log.handlers:
+            log.critical("%s", e)
+        else:
+            print(f"subgraph_metaproxy: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print_table(config: Config) -> int:
+    print(f"{config.source}: configuration OK" + (" (legacy JSON format)" if config.legacy else ""))
+    d = config.daemon
+    print(f"listen {', '.join(d.listen)} port {d.port}, mode {d.mode.value}, user {d.user}")
+    print("destination port -> upstream")
+    for line in config.relay_table():
+        print(line)
+    if config.legacy:
+        print("\nThe JSON format is deprecated; the equivalent configobj text is:\n")
+        print(equivalent_text(config))
+    return 0
+
+
+def _print_rules(config: Config, backend: str, strict: bool) -> int:
+    try:
+        from metaproxy.firewall import render
+    except ImportError:
+        print("subgraph_metaproxy: --print-rules is not available in this build", file=sys.stderr)
+        return EX_USAGE
+    sys.stdout.write(render(config, backend, strict=strict))
+    return 0

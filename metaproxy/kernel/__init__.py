@@ -1,0 +1,1 @@
+"""Thin wrappers over Linux socket interfaces that the relay needs."""

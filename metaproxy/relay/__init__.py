@@ -1,0 +1,1 @@
+"""Accepting redirected connections and relaying their bytes."""
