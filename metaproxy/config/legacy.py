@@ -79,9 +79,9 @@ def _relay(where: str, relay: Any, problems: list[str]) -> Upstream | None:
     missing = [k for k in _KEYS if k not in relay]
     extra = sorted(set(relay) - set(_KEYS))
     if missing or extra:
-        problems.append(f"{where}: expected the keys {', '.join(_KEYS)}, found "
-                        + "; ".join(filter(None, [missing and f"missing {', '.join(missing)}",
-                                                  extra and f"unknown {', '.join(extra)}"])))
+        found = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                ([f"unknown {', '.join(extra)}"] if extra else [])
+        problems.append(f"{where}: expected the keys {', '.join(_KEYS)}, found {'; '.join(found)}")
         return None
     kind = _TYPES.get(str(relay["relaytype"]).upper())
     if kind is None:

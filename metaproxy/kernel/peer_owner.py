@@ -11,7 +11,7 @@ import ipaddress
 import socket
 import struct
 
-_TABLES = {socket.AF_INET: "/proc/net/tcp", socket.AF_INET6: "/proc/net/tcp6"}
+_TABLES: dict[int, str] = {socket.AF_INET: "/proc/net/tcp", socket.AF_INET6: "/proc/net/tcp6"}
 
 
 def _hex_address(ip: str, port: int) -> str:

@@ -21,7 +21,9 @@ from typing import Callable
 from metaproxy.relay.pipes import PipePool
 
 CHUNK = 256 * 1024
-_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+# Debian 12's mypy (typeshed) predates os.splice; Python 3.10+ on Linux has it.
+_splice = os.splice  # type: ignore[attr-defined]
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK  # type: ignore[attr-defined]
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _copy_buffer = bytearray(CHUNK)
 _copy_view = memoryview(_copy_buffer)
@@ -135,7 +137,7 @@ class _Direction:
                 self._copy()
                 return
         try:
-            n = os.splice(self.sfd, self.pipe[1], CHUNK, flags=_SPLICE_FLAGS)
+            n = _splice(self.sfd, self.pipe[1], CHUNK, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             self._return_pipe()
             return
@@ -172,7 +174,7 @@ class _Direction:
                 self.count += sent
                 self.backlog = self.backlog[sent:]
             while self.in_pipe and self.pipe is not None:
-                moved = os.splice(self.pipe[0], self.dfd, self.in_pipe, flags=_SPLICE_FLAGS)
+                moved = _splice(self.pipe[0], self.dfd, self.in_pipe, flags=_SPLICE_FLAGS)
                 self.count += moved
                 self.in_pipe -= moved
         except BlockingIOError:
