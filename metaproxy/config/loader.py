@@ -95,7 +95,8 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
         upstream = _upstream(name, section, daemon.connect_timeout, problems)
         if upstream is not None:
             upstreams[name] = upstream
-    routes = _routes(obj["routes"], upstreams, problems)
+    # A route to an upstream that is defined but broken is not a second mistake.
+    routes = _routes(obj["routes"], set(obj["upstreams"]), problems)
     dns = None
     if obj["firewall"]["dns"]:
         try:
@@ -131,7 +132,7 @@ def _upstream(name: str, s: Any, default_timeout: float, problems: "_Problems") 
                     isolation=Isolation(s["isolation"]))
 
 
-def _routes(section: Any, upstreams: dict[str, Upstream], problems: "_Problems") -> RouteTable:
+def _routes(section: Any, upstreams: set[str], problems: "_Problems") -> RouteTable:
     ports: dict[int, str] = {}
     ranges: list[PortRange] = []
     fallback = None

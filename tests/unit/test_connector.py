@@ -1,0 +1,150 @@
+"""Upstream handshakes against scripted fake upstreams on loopback.
+
+The fake reads what the daemon sends, then answers with the bytes a test
+scripts: replies that are right, truncated, wrong, huge, slow, or followed by
+payload. Every outcome is a socket with every payload byte, or a clean error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Awaitable, Callable
+
+import pytest
+
+from metaproxy.config.model import InetAddress, Upstream, UpstreamType
+from metaproxy.errors import UpstreamError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
+from metaproxy.upstream.connector import open_upstream
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+SOCKS5_OK = b"\x05\x00\x00\x01" + bytes([192, 0, 2, 2]) + b"\x04\x38"
+DEST = ("198.51.100.2", 22)
+
+
+async def run_against(script: Script, kind: UpstreamType = UpstreamType.SOCKS5, timeout: float = 2.0,
+                      username: str = "") -> tuple[socket.socket, bytes]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            await asyncio.sleep(0.2)
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream = Upstream(name="fake", type=kind, address=InetAddress("127.0.0.1", port),
+                        username=username, password="pw" if username else "", connect_timeout=timeout)
+    try:
+        return await open_upstream(upstream, *DEST, credentials=None)
+    finally:
+        server.close()
+
+
+def handshake(reply: bytes, *, greeting: bytes = b"\x05\x00", delay: float = 0.0) -> Script:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(3)  # VER NMETHODS METHOD
+        writer.write(greeting)
+        await reader.readexactly(10)  # CONNECT to an IPv4 destination
+        if delay:
+            for byte in reply:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(delay)
+        else:
+            writer.write(reply)
+        await writer.drain()
+    return script
+
+
+def http(reply: bytes) -> Script:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+    return script
+
+
+def run(coro: Awaitable[tuple[socket.socket, bytes]]) -> tuple[socket.socket, bytes]:
+    return asyncio.run(asyncio.wait_for(coro, 10))  # type: ignore[arg-type]
+
+
+def test_socks5_payload_sent_with_the_reply_is_kept() -> None:
+    sock, early = run(run_against(handshake(SOCKS5_OK + b"SSH-2.0-OpenSSH_9.2\r\n")))
+    sock.close()
+    assert early == b"SSH-2.0-OpenSSH_9.2\r\n"
+
+
+def test_socks5_reply_byte_by_byte_is_framed_exactly() -> None:
+    sock, early = run(run_against(handshake(SOCKS5_OK + b"X", delay=0.01)))
+    sock.close()
+    assert early in (b"", b"X")  # X may still be in flight; it must never be eaten or corrupted
+
+
+def test_http_connect_banner_in_the_same_segment_is_kept() -> None:
+    sock, early = run(run_against(http(b"HTTP/1.1 200 Connection established\r\nVia: x\r\n\r\nSSH-2.0-x\r\n"),
+                                  UpstreamType.HTTP))
+    sock.close()
+    assert early == b"SSH-2.0-x\r\n"
+
+
+@pytest.mark.parametrize("reply, text", [
+    (b"\x05\x04\x00\x01" + bytes(6), "host unreachable (0x04)"),
+    (b"\x05\xf6\x00\x01" + bytes(6), "invalid onion address (Tor) (0xf6)"),
+    (b"\x05\x02\x00\x01" + bytes(6), "connection not allowed by ruleset (0x02)"),
+])
+def test_socks5_refusals_are_named(reply: bytes, text: str) -> None:
+    with pytest.raises(UpstreamRefused, match=text.replace("(", r"\(").replace(")", r"\)")):
+        run(run_against(handshake(reply)))
+
+
+def test_http_refusal_is_named() -> None:
+    with pytest.raises(UpstreamRefused, match="proxy authentication required"):
+        run(run_against(http(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"), UpstreamType.HTTP))
+
+
+@pytest.mark.parametrize("script", [
+    handshake(b"\x05\x00"),                      # truncated reply, then close
+    handshake(SOCKS5_OK, greeting=b"\x04\x00"),  # wrong version
+    handshake(b"\x05\x00\x00\x09" + bytes(6)),   # unknown address type
+    handshake(b"", greeting=b"\x05\xff"),        # no acceptable method
+])
+def test_socks5_broken_replies_are_protocol_errors(script: Script) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        run(run_against(script))
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\n" + b"X-Filler: " + b"a" * 20000 + b"\r\n\r\n",
+    b"SSH-2.0-not-http\r\n\r\n",
+    b"HTTP/1.1 2",
+])
+def test_http_broken_replies_are_protocol_errors(reply: bytes) -> None:
+    with pytest.raises(UpstreamProtocolError):
+        run(run_against(http(reply), UpstreamType.HTTP))
+
+
+def test_silent_upstream_hits_the_connect_timeout() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3)
+    with pytest.raises(UpstreamTimeout, match="within 0.5s"):
+        run(run_against(silent, timeout=0.5))
+
+
+def test_upstream_that_is_down_is_unreachable() -> None:
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    upstream = Upstream(name="down", type=UpstreamType.SOCKS5, address=InetAddress("127.0.0.1", port))
+    with pytest.raises(UpstreamError, match="unreachable.*is the proxy running"):
+        run(open_upstream(upstream, *DEST, credentials=None))
+
+
+def test_errors_never_name_the_destination() -> None:
+    for script in (handshake(b"\x05\x04\x00\x01" + bytes(6)), handshake(b"\x05")):
+        with pytest.raises(UpstreamError) as caught:
+            run(run_against(script))
+        assert DEST[0] not in str(caught.value) and f":{DEST[1]}" not in str(caught.value)

@@ -1,0 +1,98 @@
+"""Pure protocol logic: reply framing, sockaddr decoding, reply texts, isolation."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from metaproxy.config.model import Isolation
+from metaproxy.protocol import framing, sockaddr
+from metaproxy.protocol.isolation import TOR_RESERVED_PREFIX, Isolator
+from metaproxy.protocol.replies import Socks5Reply, describe
+
+
+@pytest.mark.parametrize("head, length", [
+    (b"", None), (b"\x01", 7), (b"\x04", 19), (b"\x03", None), (b"\x03\x0b", 15),
+])
+def test_socks5_bound_address_length(head: bytes, length: int | None) -> None:
+    assert framing.socks5_address_length(head) == length
+
+
+def test_socks5_unknown_address_type_is_a_framing_error() -> None:
+    with pytest.raises(framing.FramingError, match="0x07"):
+        framing.socks5_address_length(b"\x07")
+
+
+def test_http_reply_ends_after_the_blank_line_and_keeps_the_payload() -> None:
+    reply = b"HTTP/1.1 200 Connection established\r\nProxy-agent: x\r\n\r\nSSH-2.0-banner\r\n"
+    end = framing.http_reply_end(reply)
+    assert end is not None and reply[end:] == b"SSH-2.0-banner\r\n"
+    assert framing.http_status(reply[:end]) == 200
+    assert framing.http_reply_end(b"HTTP/1.1 200 OK\r\n") is None
+
+
+def test_http_reply_headers_are_bounded() -> None:
+    with pytest.raises(framing.FramingError, match="larger than"):
+        framing.http_reply_end(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 4000)
+
+
+@pytest.mark.parametrize("head", [b"SSH-2.0\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n", b"\r\n\r\n", b"HTTP/2 200\r\n\r\n"])
+def test_malformed_status_lines(head: bytes) -> None:
+    with pytest.raises(framing.FramingError):
+        framing.http_status(head)
+
+
+def test_sockaddr_in_and_in6_decode() -> None:
+    v4 = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 443) + socket.inet_aton("198.51.100.2") + bytes(8)
+    assert sockaddr.decode(v4) == ("198.51.100.2", 443)
+    v6 = (struct.pack("=H", socket.AF_INET6) + struct.pack("!H", 80) + bytes(4)
+          + socket.inet_pton(socket.AF_INET6, "2001:db8:2::2") + bytes(4))
+    assert sockaddr.decode(v6) == ("2001:db8:2::2", 80)
+    mapped = (struct.pack("=H", socket.AF_INET6) + struct.pack("!H", 80) + bytes(4)
+              + socket.inet_pton(socket.AF_INET6, "::ffff:192.0.2.9") + bytes(4))
+    assert sockaddr.decode(mapped) == ("192.0.2.9", 80)
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x02\x00", struct.pack("=H", 99) + bytes(26)])
+def test_sockaddr_garbage_is_an_error(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        sockaddr.decode(raw)
+
+
+def test_reply_texts_include_tor_extended_codes() -> None:
+    assert describe("socks5", Socks5Reply.HOST_UNREACHABLE) == "host unreachable (0x04)"
+    assert "onion" in describe("socks5", 0xF6) and "(0xf6)" in describe("socks5", 0xF6)
+    assert describe("socks5", 0x42) == "unknown reply code (0x42)"
+    assert describe("socks4", 0x5B) == "request rejected or failed (0x5b)"
+    assert describe("http", 407).startswith("proxy authentication required")
+
+
+def test_isolation_connection_makes_fresh_credentials_every_time() -> None:
+    iso = Isolator(Isolation.CONNECTION)
+    a, b = iso.credentials("198.51.100.2", 80, 1000), iso.credentials("198.51.100.2", 80, 1000)
+    assert a is not None and b is not None and a != b
+
+
+def test_isolation_destination_shares_per_destination_only() -> None:
+    iso = Isolator(Isolation.DESTINATION, secret=b"k" * 32)
+    assert iso.credentials("198.51.100.2", 80, 1) == iso.credentials("198.51.100.2", 80, 2)
+    assert iso.credentials("198.51.100.2", 80, 1) != iso.credentials("198.51.100.2", 443, 1)
+    creds = iso.credentials("198.51.100.2", 80, 1)
+    assert creds is not None and "198.51.100.2" not in creds[0] + creds[1]
+
+
+def test_isolation_user_shares_per_uid_and_isolates_unknown_uids() -> None:
+    iso = Isolator(Isolation.USER, secret=b"k" * 32)
+    assert iso.credentials("198.51.100.2", 80, 1000) == iso.credentials("203.0.113.9", 22, 1000)
+    assert iso.credentials("198.51.100.2", 80, 1000) != iso.credentials("198.51.100.2", 80, 1001)
+    assert iso.credentials("198.51.100.2", 80, None) != iso.credentials("198.51.100.2", 80, None)
+
+
+def test_isolation_none_sends_no_credentials_and_names_avoid_tor_prefix() -> None:
+    assert Isolator(Isolation.NONE).credentials("198.51.100.2", 80, 0) is None
+    for mode in (Isolation.CONNECTION, Isolation.DESTINATION, Isolation.USER):
+        creds = Isolator(mode).credentials("198.51.100.2", 80, 0)
+        assert creds is not None and not creds[0].startswith(TOR_RESERVED_PREFIX)
+        assert len(creds[0]) <= 255 and len(creds[1]) <= 255
