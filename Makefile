@@ -37,3 +37,7 @@ system:
 clean:
 	rm -rf build .mypy_cache .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# A live redirect through a real SOCKS5 server, in namespaces it builds and removes.
+demo: deps
+	env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) demo/run.py

@@ -71,6 +71,7 @@ async def _serve(config: Config, listeners: list) -> int:
     server = Server(config, listeners)
     supervisor = Supervisor(server, reload=lambda: _reload(server))
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_log_loop_error)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -103,6 +104,13 @@ def _reload(server: Server) -> None:
                                  idle_timeout=new.daemon.idle_timeout, drain_timeout=new.daemon.drain_timeout)
     server.apply(dataclasses.replace(new, daemon=daemon))
     log.info("reloaded routes and upstreams from %s", old.source)
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """asyncio's default handler prints tracebacks and reprs, which may quote values."""
+    error = context.get("exception")
+    log.error("internal error: %s%s", context.get("message", "unexpected"),
+              f" ({type(error).__name__})" if error else "")
 
 
 _RESTART_ONLY = ("listen", "mode", "user", "seccomp", "log_destinations")

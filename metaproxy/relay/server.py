@@ -161,6 +161,14 @@ class Server:
             self.counters.open -= 1
             reset(client)
             raise
+        except Exception as e:
+            # A bug must cost one connection, never the daemon; its text may
+            # quote values, so only the type is logged.
+            self.counters.open -= 1
+            self.counters.failed += 1
+            self._refuse(client, cid, f"internal error ({type(e).__name__}) while opening the upstream",
+                         dest, count=False)
+            return
         log.info("cid=%d open via %s to %s", cid, name, dest,
                  extra={"cid": cid, "upstream": name, "dest": dest})
         relay = Relay(self._loop, client, sock, self.pool,
