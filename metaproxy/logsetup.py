@@ -5,6 +5,19 @@ foreground they go to stderr. Our journal handler sends only the fields named
 here: the stock JournalHandler forwards every record attribute and the
 formatting arguments (CODE_ARGS), which is more than we want to vouch for.
 A destination field is added only when destinations are shown (-d).
+
+Under the seccomp filter (why the handler looks the way it does):
+1. python3-systemd's ``journal.send`` goes through libsystemd's
+   sd_journal_sendv, which opens one AF_UNIX datagram socket on its first
+   call and keeps it for every later call. The daemon writes its first
+   record before the filter loads, so later records need no socket() at all.
+2. Without CODE_FILE/CODE_LINE/CODE_FUNC, ``journal.send`` walks the stack
+   with ``traceback.extract_stack``, which stats and opens source files on
+   every call. We pass the record's own call site instead: no file access,
+   and the journal names the real caller rather than this handler.
+3. A datagram larger than the socket's send buffer makes libsystemd fall
+   back to memfd_create or a file in /dev/shm, calls the filter need not
+   allow. MESSAGE is cut to MAX_MESSAGE bytes so that never happens.
 """
 
 from __future__ import annotations
@@ -17,6 +30,8 @@ from typing import Any
 from metaproxy.privacy import destinations_shown
 
 IDENTIFIER = "subgraph_metaproxy"
+MAX_MESSAGE = 48 * 1024  # far below an unprivileged socket's send buffer (2 x wmem_max, 416 KiB by default)
+TRUNCATED = " [truncated]"
 _FIELDS = {"cid": "METAPROXY_CID", "upstream": "METAPROXY_UPSTREAM", "bytes_up": "METAPROXY_BYTES_UP",
            "bytes_down": "METAPROXY_BYTES_DOWN", "duration": "METAPROXY_DURATION",
            "reason": "METAPROXY_REASON"}
@@ -39,13 +54,23 @@ class JournalFieldsHandler(logging.Handler):
             for attr, field in _FIELDS.items():
                 value = record.__dict__.get(attr)
                 if value is not None:
-                    fields[field] = str(value)
+                    fields[field] = f"{value:.3f}" if isinstance(value, float) else str(value)
             dest = record.__dict__.get("dest")
             if dest is not None and destinations_shown():
                 fields["METAPROXY_DESTINATION"] = str(dest)
-            self._send(self.format(record), **fields)
+            self._send(_cut(self.format(record)), CODE_FILE=record.pathname, CODE_LINE=record.lineno,
+                       CODE_FUNC=record.funcName, **fields)
         except Exception:  # logging must never take the daemon down
             self.handleError(record)
+
+
+def _cut(message: str) -> str:
+    """At most MAX_MESSAGE bytes of UTF-8, marked when cut (see 3. above)."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= MAX_MESSAGE:
+        return message
+    keep = MAX_MESSAGE - len(TRUNCATED)
+    return data[:keep].decode("utf-8", "ignore") + TRUNCATED
 
 
 def journal_wanted(target: str) -> bool:
