@@ -32,6 +32,7 @@ from metaproxy.privacy import destinations_shown
 IDENTIFIER = "subgraph_metaproxy"
 MAX_MESSAGE = 48 * 1024  # far below an unprivileged socket's send buffer (2 x wmem_max, 416 KiB by default)
 TRUNCATED = " [truncated]"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _FIELDS = {"cid": "METAPROXY_CID", "upstream": "METAPROXY_UPSTREAM", "bytes_up": "METAPROXY_BYTES_UP",
            "bytes_down": "METAPROXY_BYTES_DOWN", "duration": "METAPROXY_DURATION",
            "reason": "METAPROXY_REASON"}
@@ -74,17 +75,24 @@ def _cut(message: str) -> str:
 
 
 def journal_wanted(target: str) -> bool:
-    """``auto``: journald when stderr is the journal stream systemd gave us."""
+    """``auto``: journald when systemd started us, else stderr.
+
+    Started by systemd means either stderr is the journal stream it gave us
+    (JOURNAL_STREAM names stderr's device and inode), or the unit sends
+    stderr elsewhere but the service has an INVOCATION_ID and the journal
+    socket exists. In the foreground (no INVOCATION_ID) logs go to stderr.
+    """
     if target != "auto":
         return target == "journal"
     stream = os.environ.get("JOURNAL_STREAM", "")
-    if not stream:
-        return False
-    try:
-        st = os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError):
-        return False
-    return stream == f"{st.st_dev}:{st.st_ino}"
+    if stream:
+        try:
+            st = os.fstat(sys.stderr.fileno())
+        except (OSError, ValueError):
+            st = None
+        if st is not None and stream == f"{st.st_dev}:{st.st_ino}":
+            return True
+    return bool(os.environ.get("INVOCATION_ID")) and os.path.exists(JOURNAL_SOCKET)
 
 
 def setup(debug: bool, target: str = "auto") -> None:
