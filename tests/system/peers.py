@@ -4,8 +4,8 @@ Gateway (each on GATEWAY4 and GATEWAY6 unless noted):
 
     port  peer
     1080  dante, no auth            socks5, socks4, socks4a
-    1081  dante, socksmethod pam.username (pam_permit: any user/password; Tor-like);
-          its log names the username of every connection
+    1081  dante, socksmethod "pam.username none" (pam_permit: any user/password, or no
+          auth at all; like Tor); its log names the username of every connection
     1082  microsocks, no auth       (one process per address family)
     1083  microsocks -u/-P          (one process per address family)
     3128  tinyproxy with BasicAuth  HTTP CONNECT, every port allowed
@@ -118,7 +118,7 @@ def start_dante_auth(lab: Lab) -> Process:
     pamd.chmod(0o755)
     log = lab.tmp / "dante-auth.log"
     conf = lab.file("dante-auth.conf",
-                    _dante_conf(lab, DANTE_AUTH_PORT, "pam.username", log, f"pam.servicename: {service}"))
+                    _dante_conf(lab, DANTE_AUTH_PORT, "pam.username none", log, f"pam.servicename: {service}"))
     argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
             'mount --bind "$0" /etc/pam.d && exec "$@"', str(pamd),
             "danted", "-f", str(conf), "-p", str(lab.tmp / "dante-auth.pid")]

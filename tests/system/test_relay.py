@@ -1,0 +1,106 @@
+"""Redirected connections are relayed through every kind of upstream (issue 2, items 1-3).
+
+The shared daemon routes each destination port to one upstream (conftest.UPSTREAMS);
+curl and wget run unmodified in the client namespace, and only the REDIRECT
+rules send them to the daemon. The web namespace is reachable only through a
+proxy, so a page that arrives went through the upstream named by its port.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from tests.system import clients, peers
+from tests.system.daemon import Daemon
+from tests.system.lab import WEB4, WEB6
+from tests.system.peers import World
+from tests.system.topology import SINK_ROUTE, UPSTREAMS
+
+# (upstream, destination family) pairs that can work. SOCKS4 carries only IPv4
+# destinations; dante, our SOCKS4 peer, does not implement the 4a hostname
+# extension, so socks4a to an IPv6 literal has no peer that could carry it.
+RELAYED = [name for name in UPSTREAMS if not name.startswith("iso_")]
+IPV4_ONLY = {"socks4", "socks4a"}
+CASES = [(name, family) for name in RELAYED for family in ("ipv4", "ipv6")
+         if not (family == "ipv6" and name in IPV4_ONLY)]
+WEB = {"ipv4": WEB4, "ipv6": WEB6}
+
+
+@pytest.mark.parametrize("client", ["curl", "wget"])
+@pytest.mark.parametrize("upstream,family", CASES)
+def test_unmodified_client_fetches_page_through_each_upstream(world: World, relay: Daemon,
+                                                               upstream: str, family: str,
+                                                               client: str) -> None:
+    """curl and wget, with no proxy settings, get the page through the upstream that
+    the destination port routes to, for IPv4 and IPv6 destinations."""
+    port = UPSTREAMS[upstream][0]
+    fetch = clients.curl if client == "curl" else clients.wget
+    got = fetch(world.client, clients.url(WEB[family], port, "/index.html"))
+    assert got.ok, f"{client} via {upstream} ({family}) failed: {got.stderr}\ndaemon:\n{relay.log()[-3000:]}"
+    assert got.body.decode() == peers.INDEX
+
+
+@pytest.mark.parametrize("upstream", sorted(IPV4_ONLY))
+def test_socks4_upstream_with_ipv6_destination_is_reset_promptly(world: World, relay: Daemon,
+                                                                 upstream: str) -> None:
+    """A SOCKS4 upstream cannot carry an IPv6 destination: the client is reset at
+    once instead of hanging."""
+    outcome = clients.exchange(world.client, WEB6, UPSTREAMS[upstream][0], b"GET / HTTP/1.0\r\n\r\n")
+    assert outcome.reset, f"expected a reset, got {outcome}"
+    assert outcome.seconds < 1.0
+
+
+def test_upstream_credentials_are_checked_by_the_peer(world: World, relay: Daemon) -> None:
+    """The configured SOCKS5 and HTTP Basic credentials reach the peers that check them:
+    tinyproxy logs the CONNECT it accepted with auth."""
+    got = clients.curl(world.client, clients.url(WEB4, UPSTREAMS["http"][0]))
+    assert got.ok, got.stderr
+    assert f"CONNECT {WEB4}:{UPSTREAMS['http'][0]}" in world.gateway.tinyproxy_log.read_text()
+
+
+@pytest.mark.parametrize("upstream,family", [("dante", "ipv4"), ("http_v6", "ipv6")])
+def test_50mb_download_arrives_intact(world: World, relay: Daemon, upstream: str, family: str) -> None:
+    """A 50 MB file downloaded through the relay has the sha256 of the original."""
+    out = os.path.join(world.lab.tmp, f"download-{upstream}-{family}.bin")
+    try:
+        got = clients.curl(world.client, clients.url(WEB[family], UPSTREAMS[upstream][0], "/big.bin"),
+                           out=out, timeout=60)
+        assert got.ok, f"{got.stderr}\ndaemon:\n{relay.log()[-3000:]}"
+        assert os.path.getsize(out) == peers.BIG_SIZE
+        assert _sha256_file(out) == world.web.big_sha256
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_50mb_upload_arrives_intact(world: World, relay: Daemon, family: str) -> None:
+    """50 MB sent through the relay, then a half-close, reach the sink byte for byte:
+    it replies with the sha256 and length of what it read."""
+    payload = os.urandom(peers.BIG_SIZE)
+    outcome = clients.exchange(world.client, WEB[family], SINK_ROUTE[0], payload,
+                               half_close=True, timeout=60)
+    assert not outcome.reset and not outcome.error, f"{outcome}\ndaemon:\n{relay.log()[-3000:]}"
+    assert outcome.data.decode() == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}\n"
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_half_close_passes_through_and_reply_still_arrives(world: World, relay: Daemon,
+                                                           family: str) -> None:
+    """A client that shuts down its write side still reads the whole reply: the
+    daemon passes our EOF on as a half-close and keeps the other direction open."""
+    payload = b"half-close test\n" * 1000
+    outcome = clients.exchange(world.client, WEB[family], SINK_ROUTE[0], payload, half_close=True)
+    assert not outcome.reset and not outcome.error, f"{outcome}\ndaemon:\n{relay.log()[-3000:]}"
+    assert outcome.data.decode() == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}\n"
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
