@@ -2,6 +2,13 @@
 
 sd_notify messages go through python3-systemd when NOTIFY_SOCKET is set;
 outside systemd they are skipped.
+
+Under the seccomp filter: libsystemd's sd_notify opens a new AF_UNIX
+datagram socket for every message (socket, sendmsg, close), unlike the
+journal's socket, which stays open. The filter must therefore allow
+socket(AF_UNIX, SOCK_DGRAM|SOCK_CLOEXEC) after start-up; it has to anyway,
+for upstreams on a Unix socket. A message that cannot be sent (the manager
+went away) is logged once and never stops the daemon or the periodic jobs.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Callable
 
 from metaproxy.relay.server import Server
@@ -27,8 +35,8 @@ class Supervisor:
         if os.environ.get("NOTIFY_SOCKET"):
             from systemd import daemon as sd
             self._notify = sd.notify
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        self._watchdog = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else 0.0
+        self._notify_failed = False
+        self._watchdog = _watchdog_interval()
 
     def ready(self) -> None:
         self._send("READY=1\nSTATUS=" + self.server.counters.status())
@@ -39,9 +47,14 @@ class Supervisor:
             self._every(self._watchdog, lambda: self._send("WATCHDOG=1"))
 
     def reload(self) -> None:
-        self._send("RELOADING=1")
-        self._reload()
-        self._send("READY=1\nSTATUS=" + self.server.counters.status())
+        # MONOTONIC_USEC lets systemd >= 253 (Type=notify-reload) match this
+        # reload to its request; older managers ignore it.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+        try:
+            self._reload()
+        finally:  # never leave systemd waiting in "reloading"
+            self._send("READY=1\nSTATUS=" + self.server.counters.status())
 
     def log_counters(self) -> None:
         c = self.server.counters
@@ -62,10 +75,32 @@ class Supervisor:
         slot = len(self._timers)
 
         def tick() -> None:
-            action()
+            # Schedule the next tick first: a failing action must not end the job
+            # (a stopped watchdog ping gets the daemon killed).
             self._timers[slot] = self._loop.call_later(seconds, tick)
+            action()
         self._timers.append(self._loop.call_later(seconds, tick))
 
     def _send(self, message: str) -> None:
-        if self._notify is not None:
+        if self._notify is None:
+            return
+        try:
             self._notify(message)
+        except OSError as e:
+            if not self._notify_failed:
+                log.warning("cannot notify systemd (NOTIFY_SOCKET): %s; carrying on without it",
+                            e.strerror or e)
+            self._notify_failed = True
+        else:
+            self._notify_failed = False
+
+
+def _watchdog_interval() -> float:
+    """Half of WATCHDOG_USEC, when the watchdog is meant for this process (as sd_watchdog_enabled)."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) <= 0:
+        return 0.0
+    if pid and pid != str(os.getpid()):
+        return 0.0
+    return int(usec) / 2e6
