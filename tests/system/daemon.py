@@ -6,12 +6,15 @@ By default it starts as root and drops to ``user = nobody`` itself. With
 METAPROXY_TEST_UNPRIVILEGED=1 it is started as nobody with ``--unprivileged``
 instead (for when the privilege drop is unavailable). METAPROXY_TEST_SECCOMP
 sets the config's ``seccomp`` key (kill, log, trap, off); unset, the config
-default applies, which enforces the filter.
+default applies, which enforces the filter. METAPROXY_TEST_PROGRAM replaces
+"/usr/bin/python3 -m metaproxy" (split on spaces), e.g. with
+/usr/sbin/subgraph_metaproxy to test the installed package.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ from tests.system.lab import PYTHON, REPO, Lab, LabError, Process, clean_env, ru
 
 UNPRIVILEGED = os.environ.get("METAPROXY_TEST_UNPRIVILEGED") == "1"
 SECCOMP = os.environ.get("METAPROXY_TEST_SECCOMP", "")
+PROGRAM = shlex.split(os.environ.get("METAPROXY_TEST_PROGRAM", "")) or [PYTHON, "-m", "metaproxy"]
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]
 
 _ports = iter(range(8675, 8775))
@@ -40,7 +44,7 @@ def daemon_section(port: int, **extra: object) -> str:
 
 
 def metaproxy_argv(args: Sequence[str]) -> list[str]:
-    return [PYTHON, "-m", "metaproxy", *args]
+    return [*PROGRAM, *args]
 
 
 def check_config(path: Path, *extra: str, timeout: float = 20) -> tuple[int, str, str]:

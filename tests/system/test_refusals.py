@@ -28,10 +28,13 @@ def test_unmatched_port_is_reset_within_a_second(world: World, relay: Daemon, fa
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
 def test_unmatched_port_fails_curl_fast(world: World, relay: Daemon, family: str) -> None:
-    """An unmodified curl to an unrouted port fails at once (connection reset), not after a timeout."""
+    """An unmodified curl to an unrouted port fails at once (connection reset), not after a timeout.
+
+    Depending on when the reset lands, curl reports it while connecting (7),
+    as an empty reply (52) or as a receive failure (56)."""
     got = clients.curl(world.client, clients.url(WEB[family], UNMATCHED_PORT), timeout=10)
-    assert not got.ok
-    assert got.code in (52, 56), f"curl exit {got.code}: {got.stderr}"
+    assert got.code in (7, 52, 56), f"curl exit {got.code}: {got.stderr}"
+    assert got.seconds < 1.0, got
 
 
 @pytest.mark.parametrize("listener", ["127.0.0.1", "::1"])
