@@ -50,6 +50,7 @@ WEB4, WEB6 = "198.51.100.2", "2001:db8:2::2"
 WEB_NET4, WEB_NET6 = "198.51.100.0/24", "2001:db8:2::/64"
 CLIENT_NET4, CLIENT_NET6 = "192.0.2.0/24", "2001:db8:1::/64"
 
+NFT_TABLE = "lab_redirect"
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -213,7 +214,7 @@ class Lab:
     processes: list[Process] = field(default_factory=list, init=False)
     _namespaces: list[str] = field(default_factory=list, init=False)
     _cleanups: list[Callable[[], None]] = field(default_factory=list, init=False)
-    redirect_port: int | None = field(default=None, init=False)
+    redirect_port: tuple[int, str] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.client = Namespace(f"{self.prefix}c", self)
@@ -275,23 +276,40 @@ class Lab:
 
     # ---- REDIRECT rules in the client namespace -------------------------------------
 
-    def redirect_to(self, port: int) -> None:
-        """Send client TCP to the web networks to local port `port` (iptables and ip6tables).
+    def redirect_to(self, port: int, backend: str = "iptables") -> None:
+        """Send client TCP to the web networks to local port `port`.
 
-        The daemon's own upstream connections go to the gateway's client-side
-        addresses, which these rules do not match, so they never loop.
+        backend "iptables" adds iptables and ip6tables nat OUTPUT rules,
+        "nftables" an ``inet`` table of our own. The daemon's own upstream
+        connections go to the gateway's client-side addresses, which these
+        rules do not match, so they never loop.
         """
-        if self.redirect_port == port:
+        if self.redirect_port == (port, backend):
             return
         self.clear_redirect()
-        for tool, net in (("iptables", WEB_NET4), ("ip6tables", WEB_NET6)):
-            self.client.run([tool, "-w", "5", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", net,
-                             "-j", "REDIRECT", "--to-ports", str(port)])
-        self.redirect_port = port
+        if backend == "iptables":
+            for tool, net in (("iptables", WEB_NET4), ("ip6tables", WEB_NET6)):
+                self.client.run([tool, "-w", "5", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", net,
+                                 "-j", "REDIRECT", "--to-ports", str(port)])
+        elif backend == "nftables":
+            self.client.run(["nft", "-f", "-"], input=f"""\
+table inet {NFT_TABLE} {{
+    chain output {{
+        type nat hook output priority -100; policy accept;
+        ip daddr {WEB_NET4} meta l4proto tcp redirect to :{port}
+        ip6 daddr {WEB_NET6} meta l4proto tcp redirect to :{port}
+    }}
+}}
+""".encode())
+        else:
+            raise ValueError(f"redirect backend: expected iptables or nftables, found {backend!r}")
+        self.redirect_port = (port, backend)
 
     def clear_redirect(self) -> None:
+        """Remove the rules redirect_to() added (only those)."""
         for tool in ("iptables", "ip6tables"):
             self.client.run([tool, "-w", "5", "-t", "nat", "-F", "OUTPUT"])
+        self.client.run(["nft", "delete", "table", "inet", NFT_TABLE], check=False)
         self.redirect_port = None
 
     # ---- processes ------------------------------------------------------------------

@@ -14,8 +14,8 @@ import os
 import pytest
 
 from tests.system import clients, peers
-from tests.system.daemon import Daemon
-from tests.system.lab import WEB4, WEB6
+from tests.system.daemon import Daemon, StartDaemon, daemon_section
+from tests.system.lab import GATEWAY4, WEB4, WEB6
 from tests.system.peers import World
 from tests.system.topology import SINK_ROUTE, UPSTREAMS
 
@@ -104,3 +104,29 @@ def _sha256_file(path: str) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_nftables_redirect_is_relayed_too(world: World, relay: Daemon, family: str) -> None:
+    """The daemon does not care which tool redirected: an nftables ``redirect`` rule
+    (IPv4 and IPv6 in one inet table) works like the iptables one."""
+    world.lab.redirect_to(relay.port, backend="nftables")
+    try:
+        got = clients.curl(world.client, clients.url(WEB[family], UPSTREAMS["dante"][0], "/index.html"))
+        assert got.ok, got.stderr
+        assert got.body.decode() == peers.INDEX
+    finally:
+        world.lab.redirect_to(relay.port)
+
+
+def test_idle_connection_is_closed_after_idle_timeout(world: World, start_own_daemon: StartDaemon) -> None:
+    """A relayed connection on which no byte moves either way is closed after idle_timeout."""
+    def config(port: int) -> str:
+        return daemon_section(port, idle_timeout=1) + (
+            f"[upstreams]\n    [[dante]]\n    type = socks5\n    address = {GATEWAY4}:{peers.DANTE_PORT}\n"
+            f"[routes]\n{peers.SILENT_PORT} = dante\n")
+    daemon = start_own_daemon("metaproxy-idle", config)
+    outcome = clients.exchange(world.client, WEB4, peers.SILENT_PORT, b"hello", timeout=10)
+    assert not outcome.error, f"still open after {outcome.seconds:.1f}s\ndaemon:\n{daemon.log()}"
+    assert outcome.data == b""
+    assert 0.8 <= outcome.seconds < 3.0, outcome
