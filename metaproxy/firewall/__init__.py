@@ -1,0 +1,97 @@
+"""Firewall rulesets generated from the configuration, as text (``--print-rules``).
+
+    render(config, backend, *, strict, unload=False, exempt_users=None) -> str
+
+Back-ends (``BACKENDS``):
+
+    iptables   the IPv4 half, for ``iptables-restore --noflush``
+    ip6tables  the IPv6 half, for ``ip6tables-restore --noflush``
+    nftables   both families in ``table inet metaproxy``, for ``nft -f -``
+
+Layers, each importing only those below it:
+
+    __init__ (config -> plain values, registry)
+      iptables, nftables (spelling)
+        text (shared comments)
+          plan (the neutral plan: every decision)
+
+Everything here is pure text generation: no I/O, no subprocess, no socket.
+The daemon never runs a firewall tool; tests/unit/test_firewall_purity.py
+keeps it that way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from metaproxy.config.model import Config, InetAddress, RedirectMode, UnixAddress
+from metaproxy.errors import ConfigError
+from metaproxy.firewall import iptables, nftables
+from metaproxy.firewall.plan import Mode, Plan, PlanError, Settings, build
+
+__all__ = ["BACKENDS", "render", "settings_from", "plan_for"]
+
+_Renderer = Callable[[Plan], str]
+
+# name -> (load, unload)
+_REGISTRY: dict[str, tuple[_Renderer, _Renderer]] = {
+    "iptables": (lambda p: iptables.render(p, 4), lambda p: iptables.render_unload(p, 4)),
+    "ip6tables": (lambda p: iptables.render(p, 6), lambda p: iptables.render_unload(p, 6)),
+    "nftables": (nftables.render, nftables.render_unload),
+}
+BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def render(config: Config, backend: str, *, strict: bool, unload: bool = False,
+           exempt_users: Sequence[str] | None = None) -> str:
+    """The ruleset (or, with ``unload``, its removal) for ``backend``.
+
+    ``exempt_users``: users whose traffic is neither diverted nor rejected,
+    such as the user a local Tor runs as. None takes them from the config
+    (``[firewall] exempt_users``, when the config has that key).
+    Raises ValueError for an unknown back-end, ConfigError for a value that
+    cannot be put into a rule.
+    """
+    try:
+        load, remove = _REGISTRY[backend]
+    except KeyError:
+        raise ValueError(f"unknown firewall back-end {backend!r}: expected one of {', '.join(BACKENDS)}") from None
+    plan = plan_for(config, strict=strict, exempt_users=exempt_users)
+    return remove(plan) if unload else load(plan)
+
+
+def plan_for(config: Config, *, strict: bool, exempt_users: Sequence[str] | None = None) -> Plan:
+    try:
+        return build(settings_from(config, strict=strict, exempt_users=exempt_users))
+    except PlanError as e:
+        where = "[daemon] user" if e.key == "[daemon] user" else "[firewall] exempt_users"
+        raise ConfigError([f"{config.source}: {where}: expected {e.expected}, found {e.found}"]) from e
+
+
+def settings_from(config: Config, *, strict: bool, exempt_users: Sequence[str] | None = None) -> Settings:
+    """The plain values of the config that the rules depend on."""
+    if exempt_users is None:
+        # Read the key only if this config model has it, so that adding it
+        # later needs no change here.
+        exempt_users = tuple(getattr(config.firewall, "exempt_users", ()) or ())
+    proxies, local = [], []
+    for name, upstream in config.upstreams.items():
+        address = upstream.address
+        if isinstance(address, InetAddress):
+            proxies.append((address.host, address.port))
+            if address.ip.is_loopback:
+                local.append(name)
+        elif isinstance(address, UnixAddress):
+            local.append(name)
+    dns = config.firewall.dns
+    return Settings(
+        port=config.daemon.port,
+        mode=Mode.TPROXY if config.daemon.mode is RedirectMode.TPROXY else Mode.REDIRECT,
+        strict=strict,
+        service_user=config.daemon.user,
+        listen=tuple(config.daemon.listen),
+        proxies=tuple(dict.fromkeys(proxies)),  # the same proxy twice needs one rule
+        local_proxies=tuple(local),
+        dns=None if dns is None else (dns.host, dns.port),
+        exempt_users=tuple(dict.fromkeys(exempt_users)),
+    )

@@ -1,0 +1,395 @@
+"""A neutral firewall plan: which packets to leave alone, divert, redirect or reject.
+
+The plan is built from plain values (ports, addresses, user names) and holds
+rules that name no tool. ``iptables.py`` and ``nftables.py`` only spell it;
+every decision about order and scope is made here, once, so that the two
+back-ends cannot drift apart.
+
+Pure: no I/O, no sockets, no subprocesses. The daemon never runs a firewall tool.
+
+Why the rules are ordered as they are (the ``divert`` chain is nat OUTPUT
+under REDIRECT, mangle OUTPUT under TPROXY):
+
+1. The service user's own traffic is left alone first: its connections to the
+   upstreams must never be sent back to itself.
+2. Exempted users (for example ``debian-tor``, when Tor runs on this machine)
+   are left alone next, for the same reason: Tor's own connections to its
+   guards would otherwise be diverted into the proxy and loop.
+3. Loopback is local by definition.
+4. In strict mode DNS is taken before the reserved networks, so that a query
+   to the LAN's resolver (192.168.1.1:53) goes to the configured resolver too,
+   and tcp/53 is never handed to the proxy: it is sent to the resolver or
+   rejected, as udp/53 is.
+5. The upstreams themselves, then the reserved and local networks, are not
+   diverted: the proxy could not reach them anyway.
+6. Everything else that is TCP goes to the listener.
+
+The strict filter then lets through only loopback (which the redirected
+connections now use), the exempted users, the upstreams, the resolver and
+IPv6 neighbour discovery, and rejects the rest with a reply, so that
+applications fail at once instead of waiting for a timeout.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+# The original metaproxy's list (README, "reserved IPv4 networks"), plus
+# 100.64.0.0/10 (RFC 6598 shared address space), and their IPv6 equivalents.
+# RFC 5737 (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24) and RFC 3849
+# (2001:db8::/32) documentation networks are deliberately NOT here: they are
+# never routed on the internet, so excluding them protects nothing, and the
+# test lab uses them as "the internet" to prove that traffic is diverted.
+DEFAULT_RESERVED: tuple[str, ...] = (
+    "0.0.0.0/8",        # "this network" (RFC 1122)
+    "10.0.0.0/8",       # private (RFC 1918)
+    "100.64.0.0/10",    # shared address space, carrier-grade NAT (RFC 6598)
+    "127.0.0.0/8",      # loopback
+    "169.254.0.0/16",   # link-local (RFC 3927)
+    "172.16.0.0/12",    # private (RFC 1918)
+    "192.168.0.0/16",   # private (RFC 1918)
+    "224.0.0.0/4",      # multicast
+    "240.0.0.0/4",      # reserved, and the limited broadcast 255.255.255.255
+    "::/128",           # unspecified
+    "::1/128",          # loopback
+    "fc00::/7",         # unique local (RFC 4193)
+    "fe80::/10",        # link-local
+    "ff00::/8",         # multicast
+)
+
+# TPROXY: the fwmark that routes diverted packets back in through lo, and the
+# routing table holding the "local" route that makes them arrive.
+TPROXY_MARK = 0x8675
+TPROXY_TABLE = 8675
+
+DNS_PORT = 53
+
+# Debian's NAME_REGEX for system users, a little wider (upper case, '.'), or
+# a numeric uid. The name is pasted into rule text, so nothing else may pass.
+_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+class Mode(enum.Enum):
+    REDIRECT = "redirect"
+    TPROXY = "tproxy"
+
+
+class Hook(enum.Enum):
+    """Where a chain hangs. Each back-end maps these to its own names."""
+
+    NAT_OUTPUT = "nat output"              # REDIRECT/DNAT of locally generated packets
+    MANGLE_OUTPUT = "mangle output"        # TPROXY: mark, so that policy routing sends them to lo
+    MANGLE_PREROUTING = "mangle prerouting"  # TPROXY: hand marked packets to the listener
+    FILTER_OUTPUT = "filter output"        # strict: reject what is not allowed
+
+
+class Proto(enum.Enum):
+    TCP = "tcp"
+    UDP = "udp"
+    ICMPV6 = "icmpv6"
+
+
+class RejectWith(enum.Enum):
+    TCP_RESET = "tcp reset"
+    PORT_UNREACHABLE = "port unreachable"   # UDP: the application sees ECONNREFUSED at once
+    ADMIN_PROHIBITED = "admin prohibited"   # anything else: "communication administratively prohibited"
+
+
+class Ndp(enum.Enum):
+    """The ICMPv6 messages a host needs to reach an on-link IPv6 neighbour (RFC 4861)."""
+
+    ROUTER_SOLICIT = 133
+    NEIGHBOR_SOLICIT = 135
+    NEIGHBOR_ADVERT = 136
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """All fields must match. ``family`` None means both IPv4 and IPv6."""
+
+    family: int | None = None
+    uid: str | None = None
+    out_loopback: bool = False
+    in_loopback: bool = False
+    daddr: tuple[IPNetwork, ...] = ()   # any of these
+    proto: Proto | None = None
+    dport: int | None = None
+    ndp: tuple[Ndp, ...] = ()           # any of these; implies ICMPv6 with hop limit 255
+    mark: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Return:
+    """Leave the packet alone: no NAT, no mark, no rejection from us."""
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """To the primary loopback address (127.0.0.1 or ::1) at ``port``."""
+
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dnat:
+    address: IPAddress
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    reply: RejectWith
+
+
+@dataclass(frozen=True, slots=True)
+class SetMark:
+    mark: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tproxy:
+    address: IPAddress
+    port: int
+    mark: int
+
+
+Action = Union[Return, Redirect, Dnat, Reject, SetMark, Tproxy]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    match: Match
+    action: Action
+    why: str  # printed as a comment above each group of rules
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    hook: Hook
+    rules: tuple[Rule, ...]
+
+    def for_family(self, family: int) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.match.family in (None, family))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The plain values a plan is built from (see ``metaproxy.firewall.settings_from``)."""
+
+    port: int
+    mode: Mode
+    strict: bool
+    service_user: str
+    listen: tuple[str, ...] = ("127.0.0.1", "::1")
+    proxies: tuple[tuple[str, int], ...] = ()    # (IP literal, TCP port) of each upstream
+    local_proxies: tuple[str, ...] = ()          # upstream names on this machine (loopback or unix:)
+    dns: tuple[str, int] | None = None           # strict mode's resolver
+    exempt_users: tuple[str, ...] = ()
+    reserved: tuple[str, ...] = DEFAULT_RESERVED
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    settings: Settings
+    chains: tuple[Chain, ...]
+    notes: tuple[str, ...] = field(default=())  # warnings, printed as comments
+
+    @property
+    def mode(self) -> Mode:
+        return self.settings.mode
+
+    @property
+    def strict(self) -> bool:
+        return self.settings.strict
+
+    def chain(self, hook: Hook) -> Chain | None:
+        return next((c for c in self.chains if c.hook is hook), None)
+
+    def hooks_for(self, family: int) -> tuple[Chain, ...]:
+        """The chains with at least one rule for this family."""
+        return tuple(c for c in self.chains if c.for_family(family))
+
+
+class PlanError(ValueError):
+    """A value cannot be put into a rule (the caller names the config key)."""
+
+    def __init__(self, key: str, expected: str, found: str) -> None:
+        super().__init__(f"{key}: expected {expected}, found {found}")
+        self.key, self.expected, self.found = key, expected, found
+
+
+# ---- building ------------------------------------------------------------------------
+
+def build(s: Settings) -> Plan:
+    """The plan for these settings. Raises PlanError on a value unfit for a rule."""
+    _check_user("[daemon] user", s.service_user)
+    for user in s.exempt_users:
+        _check_user("exempt user", user)
+    reserved = _networks(s.reserved)
+    # An upstream on loopback is covered by the loopback rules already.
+    proxies = tuple((ip, port) for ip, port in ((ipaddress.ip_address(h), p) for h, p in s.proxies)
+                    if not ip.is_loopback)
+    dns = None if s.dns is None else (ipaddress.ip_address(s.dns[0]), s.dns[1])
+    listeners = {4: _listener(s.listen, 4), 6: _listener(s.listen, 6)}
+
+    chains = [Chain(Hook.NAT_OUTPUT if s.mode is Mode.REDIRECT else Hook.MANGLE_OUTPUT,
+                    _divert(s, reserved, proxies, dns, listeners))]
+    if s.mode is Mode.TPROXY:
+        chains.append(Chain(Hook.MANGLE_PREROUTING, _tproxy(s, listeners)))
+        if s.strict and dns is not None:
+            chains.append(Chain(Hook.NAT_OUTPUT, _leave_alone(s) + _dns(dns)))
+    if s.strict:
+        chains.append(Chain(Hook.FILTER_OUTPUT, _strict(s, proxies, dns)))
+    return Plan(settings=s, chains=tuple(chains), notes=_notes(s, listeners))
+
+
+def _leave_alone(s: Settings) -> tuple[Rule, ...]:
+    rules = [Rule(Match(uid=s.service_user), Return(), "the daemon's own connections (to the upstreams)")]
+    rules += [Rule(Match(uid=u), Return(), "exempted users (e.g. a local Tor's own connections)")
+              for u in s.exempt_users]
+    rules.append(Rule(Match(out_loopback=True), Return(), "loopback"))
+    return tuple(rules)
+
+
+def _dns(dns: tuple[IPAddress, int]) -> tuple[Rule, ...]:
+    ip, port = dns
+    family = ip.version
+    target: Action = Redirect(port) if ip == _loopback(family) else Dnat(ip, port)
+    why = f"DNS goes to the configured resolver {endpoint(ip, port)}"
+    return tuple(Rule(Match(family=family, proto=p, dport=DNS_PORT), target, why)
+                 for p in (Proto.UDP, Proto.TCP))
+
+
+def _divert(s: Settings, reserved: tuple[IPNetwork, ...], proxies: tuple[tuple[IPAddress, int], ...],
+            dns: tuple[IPAddress, int] | None, listeners: dict[int, IPAddress | None]) -> tuple[Rule, ...]:
+    rules = list(_leave_alone(s))
+    if s.strict:
+        rules += _divert_dns(s, dns)
+    rules += [Rule(Match(family=ip.version, daddr=(ipaddress.ip_network(ip),), proto=Proto.TCP, dport=port),
+                   Return(), "the upstream proxies") for ip, port in proxies]
+    for family in (4, 6):
+        nets = tuple(n for n in reserved if n.version == family)
+        if nets:
+            rules.append(Rule(Match(family=family, daddr=nets), Return(), "reserved and local networks"))
+    rules += _send_to_listener(s, listeners)
+    return tuple(rules)
+
+
+def _divert_dns(s: Settings, dns: tuple[IPAddress, int] | None) -> list[Rule]:
+    """Strict mode: DNS never reaches the proxy; it goes to the resolver or is rejected."""
+    if dns is None:
+        return [Rule(Match(proto=Proto.TCP, dport=DNS_PORT), Return(),
+                     "no resolver is configured: DNS over TCP is not proxied, the filter rejects it")]
+    if s.mode is Mode.TPROXY:
+        return [Rule(Match(proto=Proto.TCP, dport=DNS_PORT), Return(),
+                     "DNS over TCP is not diverted: the nat chain sends it to the resolver")]
+    other = 6 if dns[0].version == 4 else 4
+    return list(_dns(dns)) + [Rule(Match(family=other, proto=Proto.TCP, dport=DNS_PORT), Return(),
+                                   f"the resolver is IPv{dns[0].version}: IPv{other} DNS over TCP "
+                                   "is not proxied, the filter rejects it")]
+
+
+def _send_to_listener(s: Settings, listeners: dict[int, IPAddress | None]) -> list[Rule]:
+    why = "every other TCP connection goes to the daemon"
+    if s.mode is Mode.TPROXY:
+        return [Rule(Match(proto=Proto.TCP), SetMark(TPROXY_MARK),
+                     why + " (marked, policy routing sends it in through lo)")]
+    targets: dict[int, Action] = {}
+    for family in (4, 6):
+        ip = listeners[family]
+        # REDIRECT in OUTPUT rewrites to exactly 127.0.0.1 or ::1; any other
+        # listening address needs DNAT. With no listener in a family REDIRECT
+        # still applies: the connection is refused (fail closed), never sent out.
+        targets[family] = Redirect(s.port) if ip is None or ip == _loopback(family) or ip.is_unspecified \
+            else Dnat(ip, s.port)
+    if targets[4] == targets[6]:
+        return [Rule(Match(proto=Proto.TCP), targets[4], why)]
+    return [Rule(Match(family=f, proto=Proto.TCP), targets[f], why) for f in (4, 6)]
+
+
+def _tproxy(s: Settings, listeners: dict[int, IPAddress | None]) -> tuple[Rule, ...]:
+    rules = []
+    for family in (4, 6):
+        ip = listeners[family]
+        on = _loopback(family) if ip is None or ip.is_unspecified else ip
+        rules.append(Rule(Match(family=family, in_loopback=True, proto=Proto.TCP, mark=TPROXY_MARK),
+                          Tproxy(on, s.port, TPROXY_MARK), "marked TCP arriving back through lo: to the daemon"))
+    return tuple(rules)
+
+
+def _strict(s: Settings, proxies: tuple[tuple[IPAddress, int], ...],
+            dns: tuple[IPAddress, int] | None) -> tuple[Rule, ...]:
+    rules = [Rule(Match(out_loopback=True), Return(),
+                  "loopback, which the diverted connections and local resolvers use")]
+    rules += [Rule(Match(uid=u), Return(), "exempted users") for u in s.exempt_users]
+    rules += [Rule(Match(family=ip.version, daddr=(ipaddress.ip_network(ip),), proto=Proto.TCP, dport=port),
+                   Return(), "the daemon reaching the upstream proxies") for ip, port in proxies]
+    if dns is not None and not dns[0].is_loopback:
+        ip, port = dns
+        rules += [Rule(Match(family=ip.version, daddr=(ipaddress.ip_network(ip),), proto=p, dport=port),
+                       Return(), "the configured resolver") for p in (Proto.UDP, Proto.TCP)]
+    rules.append(Rule(Match(family=6, ndp=tuple(Ndp)), Return(),
+                      "IPv6 neighbour discovery (on-link only: hop limit 255), to reach an IPv6 upstream"))
+    rules += [
+        Rule(Match(proto=Proto.TCP), Reject(RejectWith.TCP_RESET), "everything else is refused at once"),
+        Rule(Match(proto=Proto.UDP), Reject(RejectWith.PORT_UNREACHABLE), "everything else is refused at once"),
+        Rule(Match(), Reject(RejectWith.ADMIN_PROHIBITED), "everything else is refused at once"),
+    ]
+    return tuple(rules)
+
+
+def _notes(s: Settings, listeners: dict[int, IPAddress | None]) -> tuple[str, ...]:
+    notes = []
+    if s.local_proxies and not s.exempt_users:
+        notes.append(f"the upstream(s) {', '.join(s.local_proxies)} run on this machine: if such a proxy "
+                     "makes its own outgoing connections (Tor does), exempt the user it runs as "
+                     "(e.g. debian-tor), or those connections are diverted back into it")
+    for family in (4, 6):
+        if listeners[family] is None:
+            notes.append(f"the daemon listens on no IPv{family} address: IPv{family} TCP connections "
+                         "are refused (they are diverted to a port nothing listens on)")
+    if s.strict and s.dns is None:
+        notes.append("no [firewall] dns resolver is configured: DNS on udp/53 and tcp/53 is rejected")
+    return tuple(notes)
+
+
+# ---- helpers -------------------------------------------------------------------------
+
+def _check_user(key: str, name: str) -> None:
+    if not _USER_RE.fullmatch(name):
+        raise PlanError(key, "a user name (letters, digits, '_', '.', '-') or a numeric uid", repr(name))
+
+
+def _networks(texts: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+    nets = []
+    for text in texts:
+        try:
+            nets.append(ipaddress.ip_network(text))
+        except ValueError as e:
+            raise PlanError("reserved network", "an IP network such as 10.0.0.0/8", repr(text)) from e
+    return tuple(nets)
+
+
+def _listener(listen: tuple[str, ...], family: int) -> IPAddress | None:
+    """The address the daemon listens on in this family, if any (the first)."""
+    for text in listen:
+        ip = ipaddress.ip_address(text)
+        if ip.version == family:
+            return ip
+    return None
+
+
+def _loopback(family: int) -> IPAddress:
+    return ipaddress.ip_address("127.0.0.1" if family == 4 else "::1")
+
+
+def endpoint(ip: IPAddress, port: int) -> str:
+    """``ip:port``, or ``[ip]:port`` for IPv6, as both back-ends write a NAT target."""
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
