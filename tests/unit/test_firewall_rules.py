@@ -1,0 +1,291 @@
+"""What the generated rules do, checked on the plan and on the text of each back-end."""
+
+from __future__ import annotations
+
+import ipaddress
+import pathlib
+import re
+
+import pytest
+
+from metaproxy.config import load
+from metaproxy.config.model import Config
+from metaproxy.errors import ConfigError
+from metaproxy.firewall import BACKENDS, plan_for, render
+from metaproxy.firewall.plan import (
+    DEFAULT_RESERVED, Dnat, Hook, Plan, Redirect, Reject, RejectWith, Return, SetMark, Tproxy,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def config(tmp_path: pathlib.Path, *, daemon: str = "", upstreams: str = "", dns: str = "") -> Config:
+    """A config with a LAN SOCKS upstream, plus whatever the test adds."""
+    path = tmp_path / "fw.conf"
+    path.write_text(f"""
+[daemon]
+user = nobody
+{daemon}
+[upstreams]
+    [[lan]]
+    type = socks5
+    address = 192.0.2.2:1080
+{upstreams}
+[routes]
+* = lan
+[firewall]
+dns = "{dns}"
+""")
+    return load(str(path))
+
+
+def targets(plan: Plan, hook: Hook, family: int) -> list[object]:
+    chain = plan.chain(hook)
+    assert chain is not None, f"no {hook.value} chain"
+    return [r.action for r in chain.for_family(family)]
+
+
+# ---- what is diverted, and what is left alone -------------------------------------------
+
+def test_reserved_networks_are_the_originals_plus_cgnat_and_ipv6_equivalents() -> None:
+    nets = {ipaddress.ip_network(n) for n in DEFAULT_RESERVED}
+    for n in ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+              "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8"):
+        assert ipaddress.ip_network(n) in nets
+
+
+@pytest.mark.parametrize("address", ["192.0.2.7", "198.51.100.2", "203.0.113.9", "2001:db8:2::2"])
+def test_documentation_networks_are_diverted_not_excluded(address: str) -> None:
+    """The lab plays the internet on RFC 5737 / RFC 3849 addresses: they must be diverted."""
+    ip = ipaddress.ip_address(address)
+    assert not any(ip in ipaddress.ip_network(n) for n in DEFAULT_RESERVED)
+
+
+def test_nat_chain_order_service_user_first_redirect_last(tmp_path: pathlib.Path) -> None:
+    plan = plan_for(config(tmp_path), strict=False)
+    chain = plan.chain(Hook.NAT_OUTPUT)
+    assert chain is not None
+    rules = chain.for_family(4)
+    assert rules[0].match.uid == "nobody" and isinstance(rules[0].action, Return)
+    assert rules[1].match.out_loopback
+    assert rules[-1].action == Redirect(8675) and rules[-1].match.proto is not None
+    assert all(isinstance(r.action, Return) for r in rules[:-1])
+
+
+def test_upstreams_are_excluded_by_address_and_port_but_loopback_ones_need_no_rule(tmp_path: pathlib.Path) -> None:
+    cfg = config(tmp_path, upstreams="    [[tor]]\n    type = socks5\n    address = 127.0.0.1:9050\n"
+                                     "    [[v6]]\n    type = http\n    address = [2001:db8:1::2]:3128\n")
+    for backend, wanted in (("iptables", "-d 192.0.2.2/32 -p tcp -m tcp --dport 1080 -j RETURN"),
+                            ("ip6tables", "-d 2001:db8:1::2/128 -p tcp -m tcp --dport 3128 -j RETURN"),
+                            ("nftables", "ip6 daddr 2001:db8:1::2 tcp dport 3128 return")):
+        text = render(cfg, backend, strict=True)
+        assert wanted in text
+        assert "9050" not in text
+
+
+def test_a_local_upstream_without_exempt_users_prints_a_warning(tmp_path: pathlib.Path) -> None:
+    cfg = config(tmp_path, upstreams="    [[tor]]\n    type = socks5\n    address = unix:/run/tor/socks\n")
+    for backend in BACKENDS:
+        assert "NOTE: the upstream(s) tor run on this machine" in render(cfg, backend, strict=False)
+        assert "NOTE" not in render(cfg, backend, strict=False, exempt_users=["debian-tor"])
+
+
+def test_exempt_users_are_neither_diverted_nor_rejected(tmp_path: pathlib.Path) -> None:
+    plan = plan_for(config(tmp_path), strict=True, exempt_users=["debian-tor", "debian-tor"])
+    for hook in (Hook.NAT_OUTPUT, Hook.FILTER_OUTPUT):
+        chain = plan.chain(hook)
+        assert chain is not None
+        exempt = [r for r in chain.rules if r.match.uid == "debian-tor"]
+        assert len(exempt) == 1 and isinstance(exempt[0].action, Return)
+    text = render(config(tmp_path), "iptables", strict=True, exempt_users=["debian-tor"])
+    assert text.count("-m owner --uid-owner debian-tor -j RETURN") == 2
+
+
+def test_exempt_users_come_from_the_config_when_it_has_the_key(tmp_path: pathlib.Path) -> None:
+    """A future [firewall] exempt_users is read without a change here."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Firewall:
+        dns: object = None
+        exempt_users: tuple[str, ...] = ("debian-tor",)
+
+    cfg = dataclasses.replace(config(tmp_path), firewall=Firewall())  # type: ignore[arg-type]
+    assert "--uid-owner debian-tor" in render(cfg, "iptables", strict=False)
+
+
+def test_a_listener_on_another_address_is_reached_by_dnat(tmp_path: pathlib.Path) -> None:
+    cfg = config(tmp_path, daemon="listen = 192.0.2.1, ::1\nport = 9040")
+    plan = plan_for(cfg, strict=False)
+    assert targets(plan, Hook.NAT_OUTPUT, 4)[-1] == Dnat(ipaddress.ip_address("192.0.2.1"), 9040)
+    assert targets(plan, Hook.NAT_OUTPUT, 6)[-1] == Redirect(9040)
+    assert "-j DNAT --to-destination 192.0.2.1:9040" in render(cfg, "iptables", strict=False)
+    nft = render(cfg, "nftables", strict=False)
+    assert "meta nfproto ipv4 meta l4proto tcp dnat ip to 192.0.2.1:9040" in nft
+    assert "meta nfproto ipv6 meta l4proto tcp redirect to :9040" in nft
+
+
+def test_no_ipv6_listener_still_diverts_ipv6_so_it_fails_closed(tmp_path: pathlib.Path) -> None:
+    plan = plan_for(config(tmp_path, daemon="listen = 127.0.0.1,"), strict=True)
+    assert targets(plan, Hook.NAT_OUTPUT, 6)[-1] == Redirect(8675)
+    assert any("no IPv6 address" in n for n in plan.notes)
+
+
+# ---- strict mode ----------------------------------------------------------------------
+
+def test_not_strict_touches_only_tcp(tmp_path: pathlib.Path) -> None:
+    plan = plan_for(config(tmp_path, dns="127.0.0.1:5353"), strict=False)
+    assert plan.chain(Hook.FILTER_OUTPUT) is None
+    chain = plan.chain(Hook.NAT_OUTPUT)
+    assert chain is not None and all(r.match.dport != 53 for r in chain.rules)
+    for backend in BACKENDS:
+        text = render(config(tmp_path), backend, strict=False)
+        assert "REJECT" not in text and "reject" not in text and "*filter" not in text
+
+
+def test_strict_filter_allows_loopback_upstreams_and_ndp_then_rejects_with_a_reply(tmp_path: pathlib.Path) -> None:
+    plan = plan_for(config(tmp_path), strict=True)
+    chain = plan.chain(Hook.FILTER_OUTPUT)
+    assert chain is not None
+    assert chain.rules[0].match.out_loopback
+    assert [r.action for r in chain.rules[-3:]] == [
+        Reject(RejectWith.TCP_RESET), Reject(RejectWith.PORT_UNREACHABLE), Reject(RejectWith.ADMIN_PROHIBITED)]
+    # The last rule matches everything, in both families: nothing falls through.
+    assert chain.rules[-1].match == type(chain.rules[-1].match)()
+    ndp = [r for r in chain.rules if r.match.ndp]
+    assert len(ndp) == 1 and ndp[0].match.family == 6
+    # The service user has no blanket exception: it reaches the upstreams only.
+    assert all(r.match.uid is None for r in chain.rules)
+    four = render(config(tmp_path), "iptables", strict=True)
+    assert "-A METAPROXY -j REJECT --reject-with icmp-admin-prohibited\nCOMMIT" in four
+    six = render(config(tmp_path), "ip6tables", strict=True)
+    assert "-A METAPROXY -p udp -j REJECT --reject-with icmp6-port-unreachable" in six
+    assert "-m hl --hl-eq 255" in six and "icmpv6" not in four
+    assert "counter reject with icmpx type admin-prohibited\n\t}" in render(config(tmp_path), "nftables", strict=True)
+
+
+def test_strict_without_resolver_rejects_dns_and_keeps_tcp_53_from_the_proxy(tmp_path: pathlib.Path) -> None:
+    plan = plan_for(config(tmp_path), strict=True)
+    chain = plan.chain(Hook.NAT_OUTPUT)
+    assert chain is not None
+    dns = [r for r in chain.rules if r.match.dport == 53]
+    assert len(dns) == 1 and dns[0].match.family is None and isinstance(dns[0].action, Return)
+    assert any("no [firewall] dns" in n for n in plan.notes)
+    text = render(config(tmp_path), "iptables", strict=True)
+    assert text.index("--dport 53 -j RETURN") < text.index("-j REDIRECT --to-ports 8675")
+
+
+def test_strict_loopback_resolver_is_redirected_in_its_family_only(tmp_path: pathlib.Path) -> None:
+    plan = plan_for(config(tmp_path, dns="127.0.0.1:5353"), strict=True)
+    assert Redirect(5353) in targets(plan, Hook.NAT_OUTPUT, 4)
+    assert Redirect(5353) not in targets(plan, Hook.NAT_OUTPUT, 6)
+    four = render(config(tmp_path, dns="127.0.0.1:5353"), "iptables", strict=True)
+    assert "-p udp -m udp --dport 53 -j REDIRECT --to-ports 5353" in four
+    assert "-p tcp -m tcp --dport 53 -j REDIRECT --to-ports 5353" in four
+    six = render(config(tmp_path, dns="127.0.0.1:5353"), "ip6tables", strict=True)
+    assert "-p tcp -m tcp --dport 53 -j RETURN" in six and "5353" not in six.split("*nat")[1]
+
+
+def test_strict_ipv6_resolver_elsewhere_is_dnatted_and_allowed_out(tmp_path: pathlib.Path) -> None:
+    cfg = config(tmp_path, dns="[2001:db8:1::53]:53")
+    six = render(cfg, "ip6tables", strict=True)
+    assert "-p udp -m udp --dport 53 -j DNAT --to-destination [2001:db8:1::53]:53" in six
+    assert "-d 2001:db8:1::53/128 -p udp -m udp --dport 53 -j RETURN" in six
+    nft = render(cfg, "nftables", strict=True)
+    assert "meta nfproto ipv6 udp dport 53 dnat ip6 to [2001:db8:1::53]:53" in nft
+    assert "ip6 daddr 2001:db8:1::53 udp dport 53 return" in nft
+
+
+def test_dns_rules_come_before_the_reserved_networks(tmp_path: pathlib.Path) -> None:
+    """A query to the LAN's resolver (192.168.1.1) goes to the configured resolver too."""
+    text = render(config(tmp_path, dns="127.0.0.1:5353"), "iptables", strict=True)
+    assert text.index("--dport 53 -j REDIRECT") < text.index("-d 192.168.0.0/16 -j RETURN")
+
+
+# ---- TPROXY -----------------------------------------------------------------------------
+
+def test_tproxy_marks_in_mangle_output_and_hands_over_in_prerouting(tmp_path: pathlib.Path) -> None:
+    plan = plan_for(config(tmp_path, daemon="mode = tproxy"), strict=False)
+    assert plan.chain(Hook.NAT_OUTPUT) is None
+    mark = targets(plan, Hook.MANGLE_OUTPUT, 4)[-1]
+    assert isinstance(mark, SetMark)
+    handover = targets(plan, Hook.MANGLE_PREROUTING, 6)
+    assert handover == [Tproxy(ipaddress.ip_address("::1"), 8675, mark.mark)]
+    text = render(config(tmp_path, daemon="mode = tproxy"), "iptables", strict=False)
+    assert "-A METAPROXY_TPROXY -i lo -p tcp -m mark --mark 0x8675 -j TPROXY --on-ip 127.0.0.1" in text
+    assert "#   ip -4 rule add fwmark 0x8675 lookup 8675" in text
+    assert "#   ip -4 route add local 0.0.0.0/0 dev lo table 8675" in text
+
+
+def test_tproxy_strict_dns_goes_through_nat_and_tcp_53_is_not_marked(tmp_path: pathlib.Path) -> None:
+    plan = plan_for(config(tmp_path, daemon="mode = tproxy", dns="192.0.2.53:53"), strict=True)
+    assert Dnat(ipaddress.ip_address("192.0.2.53"), 53) in targets(plan, Hook.NAT_OUTPUT, 4)
+    mangle = plan.chain(Hook.MANGLE_OUTPUT)
+    assert mangle is not None
+    dns = [r for r in mangle.rules if r.match.dport == 53]
+    assert len(dns) == 1 and isinstance(dns[0].action, Return)
+    assert mangle.rules.index(dns[0]) < len(mangle.rules) - 1
+
+
+# ---- the text itself --------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("mode", ["redirect", "tproxy"])
+def test_text_is_tidy(tmp_path: pathlib.Path, backend: str, strict: bool, mode: str) -> None:
+    for unload in (False, True):
+        text = render(config(tmp_path, daemon=f"mode = {mode}", dns="127.0.0.1:5353"), backend,
+                      strict=strict, unload=unload)
+        assert text.endswith("\n") and not text.endswith("\n\n")
+        assert not re.search(r"[ \t]+$", text, re.M), "trailing whitespace"
+        assert all(len(line) <= 200 for line in text.splitlines())
+
+
+def test_iptables_jumps_are_inserted_first_and_undone_in_reverse(tmp_path: pathlib.Path) -> None:
+    cfg = config(tmp_path, daemon="mode = tproxy", dns="127.0.0.1:5353")
+    load_text = render(cfg, "iptables", strict=True)
+    assert load_text.index("*filter") < load_text.index("*mangle") < load_text.index("*nat")
+    assert "-I OUTPUT 1 -j METAPROXY" in load_text and "-I PREROUTING 1 -j METAPROXY_TPROXY" in load_text
+    assert "-A OUTPUT" not in load_text
+    unload = render(cfg, "iptables", strict=True, unload=True)
+    assert unload.index("*nat") < unload.index("*mangle") < unload.index("*filter")
+    for chain in ("METAPROXY", "METAPROXY_TPROXY"):
+        assert f"-X {chain}\n" in unload
+
+
+def test_nftables_load_and_unload_replace_the_table_idempotently(tmp_path: pathlib.Path) -> None:
+    cfg = config(tmp_path)
+    replace = "table inet metaproxy\ndelete table inet metaproxy\n"
+    assert replace + "\ntable inet metaproxy {\n" in render(cfg, "nftables", strict=True)
+    assert render(cfg, "nftables", strict=True, unload=True).endswith(replace)
+
+
+def test_unknown_backend_is_refused_with_the_choices(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ValueError, match="expected one of iptables, ip6tables, nftables"):
+        render(config(tmp_path), "pf", strict=False)
+
+
+@pytest.mark.parametrize("user", ['a"b', "x y", "evil\n-A OUTPUT -j ACCEPT", "", "-j"])
+def test_a_user_name_unfit_for_a_rule_is_a_config_error(tmp_path: pathlib.Path, user: str) -> None:
+    cfg = config(tmp_path)
+    with pytest.raises(ConfigError, match=r"\[firewall\] exempt_users: expected a user name"):
+        render(cfg, "nftables", strict=False, exempt_users=[user])
+
+
+def test_the_service_user_is_checked_too(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "u.conf"
+    path.write_text('[daemon]\nuser = "a b"\n[upstreams]\n    [[t]]\n    type = socks5\n'
+                    "    address = 127.0.0.1:9050\n[routes]\n* = t\n")
+    with pytest.raises(ConfigError, match=r"u\.conf: \[daemon\] user: expected a user name"):
+        render(load(str(path)), "iptables", strict=False)
+
+
+def test_numeric_uids_are_accepted_and_unquoted_in_nft(tmp_path: pathlib.Path) -> None:
+    assert "meta skuid 108 return" in render(config(tmp_path), "nftables", strict=False, exempt_users=["108"])
+
+
+def test_shipped_config_renders_for_every_backend() -> None:
+    shipped = load(str(ROOT / "etc/subgraph_metaproxy.conf"))
+    for backend in BACKENDS:
+        for strict in (False, True):
+            assert "8675" in render(shipped, backend, strict=strict)
