@@ -101,7 +101,8 @@ def _reload(server: Server) -> None:
                     "the running values stay", ", ".join(restart_only))
     # Listeners, user and sandbox stay as started (and -p still wins over the file).
     daemon = dataclasses.replace(old.daemon, max_connections=new.daemon.max_connections,
-                                 idle_timeout=new.daemon.idle_timeout, drain_timeout=new.daemon.drain_timeout)
+                                 idle_timeout=new.daemon.idle_timeout, drain_timeout=new.daemon.drain_timeout,
+                                 connect_timeout=new.daemon.connect_timeout)
     server.apply(dataclasses.replace(new, daemon=daemon))
     log.info("reloaded routes and upstreams from %s", old.source)
 
@@ -113,7 +114,10 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
               f" ({type(error).__name__})" if error else "")
 
 
-_RESTART_ONLY = ("listen", "mode", "user", "seccomp", "log_destinations")
+# The listening sockets (listen, port, mode) were bound as root, and the user and
+# the sandbox were set before serving: none of them can change in place. A port
+# given with -p differs from the file's, and is reported as such on a reload.
+_RESTART_ONLY = ("listen", "port", "mode", "user", "seccomp", "log_destinations")
 
 
 def _raise_nofile_limit() -> None:
