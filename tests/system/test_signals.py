@@ -106,10 +106,10 @@ class Notified:
 
 @pytest.fixture
 def notified_daemon(world: World) -> Iterator[Callable[..., Notified]]:
-    """start(config_for_port) -> a daemon with our NOTIFY_SOCKET; REDIRECT points at it."""
+    """start(config_for_port, **env) -> a daemon with our NOTIFY_SOCKET; REDIRECT points at it."""
     started: list[Notified] = []
 
-    def start(config_for_port: Callable[[int], str]) -> Notified:
+    def start(config_for_port: Callable[[int], str], **env: str) -> Notified:
         port = next_port()
         name = f"metaproxy-signals-{port}"
         path = world.lab.file(f"{name}.conf", config_for_port(port))
@@ -119,7 +119,7 @@ def notified_daemon(world: World) -> Iterator[Callable[..., Notified]]:
         if UNPRIVILEGED:
             argv = NOBODY + argv + ["--unprivileged"]
         daemon.process = world.lab.client.spawn(name, argv, cwd=REPO, env=clean_env(
-            PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", NOTIFY_SOCKET=str(notify.path)))
+            PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", NOTIFY_SOCKET=str(notify.path), **env))
         handle = Notified(daemon, notify, path, port)
         started.append(handle)
         daemon._wait_listening(15)
@@ -405,3 +405,16 @@ def test_sigusr1_logs_the_counters(world: World, notified_daemon: Callable[..., 
     up = len(b"counted 0 before\n")
     assert f"{up} bytes up, {len(stream.expected())} bytes down" in line, line
     assert daemon.alive()
+
+
+# ---- watchdog -----------------------------------------------------------------------------
+
+def test_watchdog_pings_at_half_of_watchdog_usec(world: World, notified_daemon: Callable[..., Notified]) -> None:
+    """With WATCHDOG_USEC set (WatchdogSec=), WATCHDOG=1 arrives every WATCHDOG_USEC/2,
+    from the sandboxed daemon (sd_notify opens a socket per message)."""
+    handle = notified_daemon(lambda port: config(port, {SINK: "a"}), WATCHDOG_USEC="200000")
+    handle.notify.wait_for("WATCHDOG=1", timeout=2)
+    time.sleep(1.0)
+    pings = [m for m in handle.notify.collect() if m == "WATCHDOG=1"]
+    assert 6 <= len(pings) <= 14, pings  # about one per 0.1 s over some 1.1 s
+    assert handle.daemon.alive(), handle.daemon.log()
