@@ -43,7 +43,7 @@ def sent() -> Iterator[tuple[logging.Logger, Recorder]]:
     handler = logsetup.JournalFieldsHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     recorder = Recorder()
-    handler._send = recorder  # type: ignore[assignment]
+    handler._send = recorder
     logger = logging.getLogger("metaproxy.test_logsetup")
     logger.propagate = False
     logger.setLevel(logging.DEBUG)
@@ -131,7 +131,7 @@ def test_a_failing_send_does_not_raise(sent: Any) -> None:
 
     def broken(message: str, **fields: Any) -> None:
         raise OSError("journal gone")
-    logger.handlers[0]._send = broken  # type: ignore[attr-defined]
+    logger.handlers[0]._send = broken
     old, logging.raiseExceptions = logging.raiseExceptions, False
     try:
         logger.info("still fine")
