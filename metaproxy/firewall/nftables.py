@@ -106,6 +106,8 @@ def _rule(rule: Rule) -> str:
 
 def _match(m: Match) -> list[str]:
     words: list[str] = []
+    if m.family is not None and not m.daddr and not m.ndp:
+        words.append(f"meta nfproto {_NFPROTO[m.family]}")
     if m.in_loopback:
         words.append('iifname "lo"')
     if m.out_loopback:
@@ -114,8 +116,6 @@ def _match(m: Match) -> list[str]:
         words.append(f"meta skuid {m.uid if m.uid.isdigit() else _quote(m.uid)}")
     if m.mark is not None:
         words.append(f"meta mark {m.mark:#x}")
-    if m.family is not None and not m.daddr and not m.ndp:
-        words.append(f"meta nfproto {_NFPROTO[m.family]}")
     if m.daddr:
         family = m.daddr[0].version
         nets = [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in m.daddr]

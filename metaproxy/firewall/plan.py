@@ -244,17 +244,19 @@ def build(s: Settings) -> Plan:
     if s.mode is Mode.TPROXY:
         chains.append(Chain(Hook.MANGLE_PREROUTING, _tproxy(s, listeners)))
         if s.strict and dns is not None:
-            chains.append(Chain(Hook.NAT_OUTPUT, _leave_alone(s) + _dns(dns)))
+            # Only the resolver's family needs this chain: the other has nothing to translate.
+            chains.append(Chain(Hook.NAT_OUTPUT, _leave_alone(s, dns[0].version) + _dns(dns)))
     if s.strict:
         chains.append(Chain(Hook.FILTER_OUTPUT, _strict(s, proxies, dns)))
     return Plan(settings=s, chains=tuple(chains), notes=_notes(s, listeners))
 
 
-def _leave_alone(s: Settings) -> tuple[Rule, ...]:
-    rules = [Rule(Match(uid=s.service_user), Return(), "the daemon's own connections (to the upstreams)")]
-    rules += [Rule(Match(uid=u), Return(), "exempted users (e.g. a local Tor's own connections)")
+def _leave_alone(s: Settings, family: int | None = None) -> tuple[Rule, ...]:
+    rules = [Rule(Match(family=family, uid=s.service_user), Return(),
+                  "the daemon's own connections (to the upstreams)")]
+    rules += [Rule(Match(family=family, uid=u), Return(), "exempted users (e.g. a local Tor's own connections)")
               for u in s.exempt_users]
-    rules.append(Rule(Match(out_loopback=True), Return(), "loopback"))
+    rules.append(Rule(Match(family=family, out_loopback=True), Return(), "loopback"))
     return tuple(rules)
 
 
