@@ -175,3 +175,32 @@ def test_sigusr1_line_has_every_counter(caplog: pytest.LogCaptureFixture) -> Non
     assert caplog.records[-1].getMessage() == (
         "counters: 1 open, 10 total, 2 refused, 3 upstream failures; 100 bytes up, 2000 bytes down; "
         "3 pipes in use")
+
+
+def test_notify_needs_only_af_unix_sockets_under_a_filter(notify: socket.socket) -> None:
+    """libsystemd's sd_notify opens a new socket for every message. Under a filter that
+    kills socket() for any family but AF_UNIX, READY/STATUS/STOPPING still go out; the
+    daemon's real filter must allow AF_UNIX for this (forked child, as sandbox tests do)."""
+    try:
+        import seccomp  # python3-seccomp, a runtime dependency
+    except ImportError:
+        if os.environ.get("METAPROXY_ALLOW_SKIP") == "1":
+            pytest.skip("python3-seccomp is missing [METAPROXY_ALLOW_SKIP=1]")
+        pytest.fail("python3-seccomp is missing (run with /usr/bin/python3); refusing to skip", pytrace=False)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            from systemd import daemon as sd  # imported before the filter, as the daemon does
+            only_unix = seccomp.SyscallFilter(seccomp.ALLOW)
+            only_unix.add_rule(seccomp.KILL_PROCESS, "socket", seccomp.Arg(0, seccomp.NE, socket.AF_UNIX))
+            only_unix.load()
+            for message in ("READY=1", "STATUS=x", "STOPPING=1"):
+                sd.notify(message)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert not os.WIFSIGNALED(status), f"killed by signal {os.WTERMSIG(status)}"
+    assert os.WEXITSTATUS(status) == 0
+    assert received(notify) == ["READY=1", "STATUS=x", "STOPPING=1"]
