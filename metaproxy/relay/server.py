@@ -56,6 +56,7 @@ class Server:
         self._own = {(_norm(s.getsockname()[0]), s.getsockname()[1]) for s in listeners}
         self._next_id = 0
         self._accepting = False
+        self._draining = False
         self._backoff = _BACKOFF_FIRST
         self._loop = asyncio.get_running_loop()
         self._drained: asyncio.Event = asyncio.Event()
@@ -108,7 +109,7 @@ class Server:
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
 
     def _resume(self) -> None:
-        if not self._accepting and not self._drained.is_set():
+        if not self._accepting and not self._draining:
             self.start()
 
     # -- one connection ----------------------------------------------------
@@ -139,7 +140,11 @@ class Server:
         self.counters.open += 1
         task = self._loop.create_task(self._open(cid, client, peer, dest, upstream.name))
         self.handshakes.add(task)
-        task.add_done_callback(self.handshakes.discard)
+        task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[None]) -> None:
+        self.handshakes.discard(task)
+        self._check_drained()
 
     async def _open(self, cid: int, client: socket.socket, peer: tuple[str, int],
                     dest: Destination, name: str) -> None:
@@ -187,8 +192,11 @@ class Server:
                  cid, reason, name, dest, relay.bytes_up, relay.bytes_down, duration,
                  extra={"cid": cid, "upstream": name, "dest": dest, "bytes_up": relay.bytes_up,
                         "bytes_down": relay.bytes_down, "duration": duration, "reason": reason})
-        if self._drained.is_set() is False and not self._accepting and not self.relays \
-                and not self.handshakes:
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        # Only a drain ends this way: accepts paused by _back_off are not a drain.
+        if self._draining and not self.relays and not self.handshakes:
             self._drained.set()
 
     def _refuse(self, client: socket.socket, cid: int, why: str, dest: Destination | None = None,
@@ -215,6 +223,7 @@ class Server:
 
     async def drain(self, seconds: float) -> None:
         """Stop accepting, let transfers finish for ``seconds``, then reset the rest."""
+        self._draining = True
         self.stop_accepting()
         if self.relays or self.handshakes:
             log.info("draining %d connections for up to %gs", len(self.relays) + len(self.handshakes), seconds)

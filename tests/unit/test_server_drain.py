@@ -1,0 +1,94 @@
+"""Server.drain and the accept back-off, on real loopback listeners.
+
+No connection here is redirected, so none is relayed: the tests drive the
+parts of the server that decide when to accept and when a drain is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metaproxy.config import load
+from metaproxy.relay import server as server_module
+from metaproxy.relay.server import Server
+
+CONFIG = """\
+[daemon]
+listen = 127.0.0.1, ::1
+port = {port}
+user = nobody
+[upstreams]
+    [[tor]]
+    type = socks5
+    address = 127.0.0.1:9
+[routes]
+* = tor
+"""
+
+
+def listener() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def make_server(tmp_path: Path) -> Server:
+    sock = listener()
+    path = tmp_path / "metaproxy.conf"
+    path.write_text(CONFIG.format(port=sock.getsockname()[1]))
+    return Server(load(str(path)), [sock])
+
+
+class FakeRelay:
+    bytes_up = 0
+    bytes_down = 0
+
+
+def run(body: Any) -> Any:
+    async def main() -> Any:
+        return await body()
+    return asyncio.run(main())
+
+
+def test_drain_ends_when_the_last_relay_closes(tmp_path: Path) -> None:
+    async def body() -> float:
+        server = make_server(tmp_path)
+        server.start()
+        relay = FakeRelay()
+        server.relays.add(relay)  # type: ignore[arg-type]
+        server.counters.open = 1
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, lambda: server._closed(relay, "closed", 1, "tor", None, 0.0))  # type: ignore[arg-type]
+        started = loop.time()
+        await server.drain(10)
+        return loop.time() - started
+    assert run(body) < 2
+
+
+def test_relays_closing_while_accepts_are_paused_do_not_end_accepting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors, accepts pause; if every relay closes meanwhile, that is
+    not a drain: accepting resumes after the pause."""
+    monkeypatch.setattr(server_module, "_BACKOFF_FIRST", 0.05)
+
+    async def body() -> tuple[bool, bool]:
+        server = make_server(tmp_path)
+        server.start()
+        relay = FakeRelay()
+        server.relays.add(relay)  # type: ignore[arg-type]
+        server.counters.open = 1
+        server._backoff = 0.05
+        server._back_off(OSError(errno.EMFILE, "Too many open files"))
+        server._closed(relay, "closed", 1, "tor", None, 0.0)  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+        return server._accepting, server._drained.is_set()
+    accepting, drained = run(body)
+    assert accepting and not drained
