@@ -222,9 +222,17 @@ class Server:
             relay.abort("idle timeout")
 
     async def drain(self, seconds: float) -> None:
-        """Stop accepting, let transfers finish for ``seconds``, then reset the rest."""
+        """Stop accepting, let transfers finish for ``seconds``, then reset the rest.
+
+        The listeners are closed first, so that a connection redirected during
+        the drain is refused at once instead of waiting unaccepted in the
+        backlog until the process exits. (Under socket activation systemd keeps
+        its own copy, and new connections queue there for the next start.)
+        """
         self._draining = True
         self.stop_accepting()
+        for sock in self.listeners:
+            sock.close()
         if self.relays or self.handshakes:
             log.info("draining %d connections for up to %gs", len(self.relays) + len(self.handshakes), seconds)
             try:

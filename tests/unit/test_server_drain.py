@@ -58,6 +58,21 @@ def run(body: Any) -> Any:
     return asyncio.run(main())
 
 
+def test_drain_closes_the_listeners_so_new_connections_are_refused_at_once(tmp_path: Path) -> None:
+    async def body() -> None:
+        server = make_server(tmp_path)
+        port = server.listeners[0].getsockname()[1]
+        server.start()
+        await asyncio.wait_for(server.drain(5), 1)  # nothing open: returns at once
+        probe = socket.socket()
+        try:
+            with pytest.raises(ConnectionRefusedError):
+                probe.connect(("127.0.0.1", port))
+        finally:
+            probe.close()
+    run(body)
+
+
 def test_drain_ends_when_the_last_relay_closes(tmp_path: Path) -> None:
     async def body() -> float:
         server = make_server(tmp_path)
