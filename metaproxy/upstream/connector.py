@@ -38,7 +38,12 @@ async def open_upstream(upstream: Upstream, dest_ip: str, dest_port: int,
     Raises an UpstreamError subclass whose text never names the destination.
     """
     loop = asyncio.get_running_loop()
-    sock = _new_socket(upstream)
+    try:
+        sock = _new_socket(upstream)
+    except OSError as e:
+        # Usually EMFILE: accept() took the last descriptor the limit allows.
+        raise UpstreamError(f"upstream {upstream.name}: cannot create a socket: {e.strerror or e} "
+                            "(raise LimitNOFILE, or lower max_connections)") from e
     try:
         async with asyncio.timeout(upstream.connect_timeout):
             try:

@@ -32,6 +32,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import socket
 import struct
 import threading
@@ -565,3 +566,41 @@ def test_payload_in_the_same_segment_as_each_valid_reply_is_relayed(harness: Har
                       "http": b"HTTP/1.0 200 OK\r\nVia: x\r\n\r\n"}[kind]
             banner = b"SSH-2.0-OpenSSH_9.2\r\n" + os.urandom(5000)
             check(harness, Script(kind, stream + banner, 1, 0.0, eager, "echo"), os.urandom(777))
+
+
+def test_no_descriptor_left_for_the_upstream_socket_resets_the_client(harness: Harness) -> None:
+    """accept() takes the last descriptor the limit allows, so the upstream socket cannot
+    be made (EMFILE): that client is reset with one log line, not left hanging with its
+    slot counted as open for ever."""
+    probe(harness)
+    mark = len(harness.records.items)
+    before = harness.server.counters.total
+    harness.script = Script("socks5", b"\x05\x00\x05\x00\x00\x01" + bytes(6), 1, 0.0, False, "echo")
+    harness.dest_port = PORTS["socks5"]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with socket.socket() as client:
+        client.settimeout(3)
+        lowest = os.dup(0)  # the lowest free descriptor number: the daemon's accept() gets it
+        os.close(lowest)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + 1, hard))
+        try:
+            client.connect(harness.address)
+            for _ in range(400):  # until the daemon has tried, at most 2s
+                if harness.server.counters.total > before and not harness.server.handshakes:
+                    break
+                time.sleep(0.005)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        try:
+            got = client.recv(100)
+            assert got == b"", f"expected a reset or EOF, got {got!r}"
+        except ConnectionResetError:
+            pass
+        except socket.timeout:
+            pytest.fail("the client was left hanging when the upstream socket could not be made")
+    harness.wait_idle(timeout=2)
+    lines = [t for c, _, t in harness.records.since(mark) if c == before + 1]
+    assert len(lines) == 1 and "refused" in lines[0], lines
+    # An expected condition with a remedy, not an "internal error".
+    assert "Too many open files" in lines[0] and "internal error" not in lines[0], lines
+    probe(harness)
