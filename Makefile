@@ -41,3 +41,9 @@ clean:
 # A live redirect through a real SOCKS5 server, in namespaces it builds and removes.
 demo: deps
 	env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) demo/run.py
+
+# ---- deb (maintained with debian/ and tools/build-deb.sh) ----
+# The .deb from a copy of this tree, unit tests included (nocheck skips them),
+# into build/deb/; lintian --fail-on error,warning --pedantic must print nothing.
+deb: deps
+	tools/build-deb.sh -o build/deb
