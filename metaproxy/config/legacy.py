@@ -33,6 +33,15 @@ def load_json(path: str, text: str) -> Config:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError([f"{path}:{e.lineno}:{e.colno}: JSON syntax error: {e.msg}"]) from e
+    except RecursionError as e:
+        # json recurses once per nesting level and gives up with RecursionError.
+        raise ConfigError([f"{path}: legacy JSON: expected the original's {{\"Relays\": [...]}} format, "
+                           "found nesting deeper than Python's recursion limit"]) from e
+    except ValueError as e:
+        # json.loads raises a bare ValueError for an integer literal longer than
+        # sys.get_int_max_str_digits() (4300 digits by default).
+        raise ConfigError([f"{path}: legacy JSON: expected ports as short numbers or strings, "
+                           "found an integer literal too long to convert"]) from e
     problems: list[str] = []
     relays = data.get("Relays") if isinstance(data, dict) else None
     if not isinstance(relays, list) or not relays:
