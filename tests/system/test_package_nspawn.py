@@ -245,6 +245,25 @@ def test_man_pages_and_launcher_are_installed(box: Container) -> None:
     assert version.startswith("subgraph_metaproxy "), version
 
 
+def man_examples(page: Path, starts: str) -> list[str]:
+    """The literal blocks of a page's EXAMPLES whose text starts with ``starts``."""
+    text = page.read_text(encoding="utf-8")
+    body = text.split(".Sh EXAMPLES", 1)[1].split("\n.Sh ", 1)[0]
+    blocks = re.findall(r"^\.Bd -literal[^\n]*\n(.*?)^\.Ed$", body, re.M | re.S)
+    return [b.replace("\\-", "-") for b in blocks if b.startswith(starts)]
+
+
+def test_the_man_page_rule_examples_load(box: Container) -> None:
+    """The iptables and nftables examples of subgraph_metaproxy(8) load (in a throwaway netns)."""
+    page = ROOT / "man/subgraph_metaproxy.8"
+    iptables = man_examples(page, "iptables ")
+    nft = man_examples(page, "table inet ")
+    assert len(iptables) == 1 and len(nft) == 1, "expected one iptables and one nftables example"
+    box.run(["unshare", "--net", "sh", "-ec", iptables[0]])
+    box.write("/root/example.nft", nft[0])
+    box.run(["unshare", "--net", "nft", "-f", "/root/example.nft"])
+
+
 def test_service_runs_as_metaproxy_without_capabilities(box: Container) -> None:
     """The serving process: every uid/gid _metaproxy, no capabilities, no-new-privs, seccomp on."""
     box.run(["systemctl", "stop", "metaproxy"])
@@ -315,6 +334,25 @@ def test_reload_takes_a_new_upstream_without_a_restart(box: Container) -> None:
     assert fetch(box).strip() == TOKEN
     entries = wait_for_journal(box, "metaproxy", r"cid=\d+ open via second", after=before)
     assert not [e for e in entries[before:] if WEB_IP in json.dumps(e)]
+
+
+def test_watchdog_pings_keep_arriving_under_the_seccomp_filter(box: Container) -> None:
+    """With WatchdogSec=2s (a runtime drop-in), pings arrive after READY and nothing restarts."""
+    dropin = "/run/systemd/system/metaproxy.service.d"
+    box.run(["mkdir", "-p", dropin])
+    box.write(f"{dropin}/watchdog.conf", "[Service]\nWatchdogSec=2s\n")
+    try:
+        box.run(["systemctl", "daemon-reload"])
+        box.run(["systemctl", "restart", "metaproxy"], timeout=60)
+        first = service(box, "WatchdogTimestampMonotonic", "NRestarts")
+        time.sleep(3.0)  # three intervals of the daemon's 1 s ping
+        later = service(box, "WatchdogTimestampMonotonic", "NRestarts", "ActiveState")
+        assert later["ActiveState"] == "active" and later["NRestarts"] == first["NRestarts"], later
+        assert int(later["WatchdogTimestampMonotonic"]) > int(first["WatchdogTimestampMonotonic"]), \
+            f"no watchdog ping in 3 s: {first} -> {later}"
+    finally:
+        box.run(["rm", "-rf", dropin])
+        box.run(["systemctl", "daemon-reload"])
 
 
 def test_stop_drains_and_exits_0(box: Container) -> None:
