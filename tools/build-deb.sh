@@ -9,9 +9,10 @@
 # python3.X by name, and the first one on this machine's PATH is not
 # Debian's and cannot import the Debian modules.
 #
-# Output: OUTDIR (default build/deb) holds subgraph-metaproxy_*.deb and the
-# .changes and .buildinfo files. Unless --no-lintian, the package must then
-# pass `lintian --fail-on error,warning --pedantic` with nothing printed.
+# Output: OUTDIR (default build/deb) holds subgraph-metaproxy_*.deb, the
+# .changes and .buildinfo files, and the source package (.dsc, .tar.xz).
+# Unless --no-lintian, both must then pass
+# `lintian --fail-on error,warning --pedantic` with nothing printed.
 set -eu
 
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -50,6 +51,14 @@ tar -C "$top" -cf - \
     --exclude=__pycache__ --exclude=.mypy_cache --exclude=.pytest_cache \
     --exclude='*.egg-info' . | tar -C "$src" -xf -
 
+# The source package first, from the clean copy (native: one .tar.xz), so
+# that lintian checks debian/control, debian/copyright and debian/tests too.
+(
+    cd "$work"
+    env -i PATH=$syspath HOME="$work" LANG=C.UTF-8 \
+        timeout 300 dpkg-source --build subgraph-metaproxy >/dev/null
+)
+
 opts=${DEB_BUILD_OPTIONS:-}
 [ -n "$nocheck" ] && opts="$opts nocheck"
 buildprof=
@@ -65,7 +74,8 @@ case " $opts " in *" nocheck "*) buildprof=-Pnocheck ;; esac
 mkdir -p "$out"
 rm -f "$out"/subgraph-metaproxy_*
 cp "$work"/subgraph-metaproxy_*.deb "$work"/subgraph-metaproxy_*.changes \
-   "$work"/subgraph-metaproxy_*.buildinfo "$out"/
+   "$work"/subgraph-metaproxy_*.buildinfo "$work"/subgraph-metaproxy_*.dsc \
+   "$work"/subgraph-metaproxy_*.tar.xz "$out"/
 
 if [ -n "$lint" ]; then
     # lintian warns on stderr when run as root: run it as nobody, on a copy
@@ -81,7 +91,7 @@ if [ -n "$lint" ]; then
     fi
     report=$(cd "$lintdir" && env -i PATH=$syspath HOME="$lintdir" LANG=C.UTF-8 \
         timeout 600 $runas lintian --fail-on error,warning --pedantic \
-        subgraph-metaproxy_*.changes 2>&1) || {
+        subgraph-metaproxy_*.changes subgraph-metaproxy_*.dsc 2>&1) || {
         printf '%s\n' "$report" >&2
         echo "build-deb.sh: lintian failed" >&2
         exit 1

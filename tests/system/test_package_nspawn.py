@@ -170,15 +170,15 @@ def fetch(box: Container) -> str:
 # ---- the package, outside a container ---------------------------------------------------
 
 def test_lintian_pedantic_prints_nothing(debs: Path) -> None:
-    """lintian --fail-on error,warning --pedantic on the .changes prints nothing (run as nobody)."""
+    """lintian --fail-on error,warning --pedantic on the .changes and .dsc prints nothing (as nobody)."""
     lint = Path(tempfile.mkdtemp(prefix="metaproxy-lintian."))
     try:
         lint.chmod(0o755)
         for f in debs.glob("subgraph-metaproxy_*"):
             shutil.copy(f, lint / f.name)
             (lint / f.name).chmod(0o644)
-        changes = sorted(p.name for p in lint.glob("*.changes"))
-        assert changes, f"no .changes file next to the .deb in {debs}"
+        changes = sorted(p.name for p in lint.glob("*.changes")) + sorted(p.name for p in lint.glob("*.dsc"))
+        assert len(changes) == 2, f"expected a .changes and a .dsc next to the .deb in {debs}, found {changes}"
         result = subprocess.run(
             ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
              "lintian", "--fail-on", "error,warning", "--pedantic", *changes],
