@@ -56,7 +56,7 @@ def parse_configobj(path: str, text: str) -> Config:
             problems.raw(line, f"syntax error: {_configobj_message(err)}")
         raise ConfigError(problems.items) from e
 
-    result = obj.validate(validate.Validator(), preserve_errors=True)
+    result = obj.validate(validate.Validator({"string_list": _string_list}), preserve_errors=True)
     for sections, key, error in configobj.flatten_errors(obj, result):
         if key is None:
             problems.add(tuple(sections), None, "a section", "nothing")
@@ -76,6 +76,9 @@ def parse_configobj(path: str, text: str) -> Config:
 def _build(path: str, obj: Any, problems: "_Problems") -> Config:
     d = obj["daemon"]
     listen = []
+    # "listen = ," is an empty list: it would bind nothing.
+    if not d["listen"]:
+        problems.add(("daemon",), "listen", EXPECTED["listen"], "no address")
     for ip in d["listen"]:
         try:
             listen.append(parse_listen_ip(ip))
@@ -175,6 +178,17 @@ def _add_route(item: str, target: str, ports: dict[int, str], ranges: list[PortR
     if port in ports:
         raise ValueError(f"port {port} is routed twice")
     ports[port] = target
+
+
+def _string_list(value: Any, min: Any = None, max: Any = None) -> list[str]:
+    """validate's string_list, except that one value without a comma is a list of one.
+
+    configobj reads ``listen = 127.0.0.1`` as a string, and the stock check
+    rejects a string, so the obvious single-address line was an error.
+    """
+    if isinstance(value, str):
+        value = [value]
+    return validate.is_string_list(value, min, max)
 
 
 def _section(obj: Any, sections: Any) -> Any:
