@@ -126,6 +126,16 @@ def _upstream(name: str, s: Any, default_timeout: float, problems: "_Problems") 
         return None
     if s["password"] and not s["username"]:
         problems.add(where, "username", "a username, since a password is set", "nothing")
+    # The handshake would fail on every connection: SOCKS sends credentials as
+    # ASCII (python-socks encodes them so), and HTTP Basic joins user:password.
+    for key in ("username", "password"):
+        if not (s[key].isascii() and s[key].isprintable()):
+            # Never echo a password: -t runs as ExecStartPre, into the journal.
+            found = repr(s[key]) if key == "username" else "other characters"
+            problems.add(where, key, "printable ASCII characters", found)
+    if kind is UpstreamType.HTTP and ":" in s["username"]:
+        problems.add(where, "username", "no ':' (HTTP Basic auth separates user and password with it)",
+                     repr(s["username"]))
     if kind is UpstreamType.SOCKS4 or kind is UpstreamType.SOCKS4A:
         if s["password"]:
             problems.add(where, "password", "no password (SOCKS4 has only a user id)", "a password")
