@@ -103,6 +103,11 @@ class Relay:
             reset(self.client)
             reset(self.upstream)
         self._on_close(self, reason)
+        # The relay and its directions point at each other. Break that cycle,
+        # so that reference counting frees all three (and the sockets) now:
+        # left to the cyclic GC, closed relays stay in memory until a full
+        # collection, which a quiet daemon may not run for hours.
+        del self.up.relay, self.down.relay
 
 
 class _Direction:
