@@ -198,6 +198,16 @@ COMMIT
         raise BenchError(f"{process.name} did not listen on port {port} within {timeout:g}s:\n"
                          f"{process.output()}")
 
+    def stop(self, p: Spawned, grace: float = 5) -> None:
+        """Stop one process we started (SIGTERM, then SIGKILL) and forget it."""
+        _kill_group(p.pid, signal.SIGTERM)
+        try:
+            p.popen.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _kill_group(p.pid, signal.SIGKILL)
+            p.popen.wait(timeout=grace)
+        self.processes.remove(p)
+
     # -- teardown --------------------------------------------------------------
 
     def close(self) -> None:

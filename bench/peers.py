@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SMALL_SIZE = 100
 HTTP_PORT, IPERF_PORT, ECHO_PORT, DANTE_PORT = 80, 5201, 7, 1080
+MAX_CONNECTIONS = 12000
 
 
 def start_nginx(net: Net) -> Spawned:
@@ -107,6 +108,9 @@ base {{
     user = nobody;
     group = nogroup;
     redirector = iptables;
+    // Its default is RLIMIT_NOFILE / 8 (2,500 here); allow as many as metaproxy
+    // (max_connections), so that descriptors, not this setting, are its limit.
+    redsocks_conn_max = {MAX_CONNECTIONS};
 }}
 redsocks {{
     local_ip = 127.0.0.1;
@@ -130,7 +134,7 @@ def project_config(net: Net) -> Path:
 listen = 127.0.0.1,
 port = {PROXY_PORTS['project']}
 user = nobody
-max_connections = 12000
+max_connections = {MAX_CONNECTIONS}
 idle_timeout = 900
 [upstreams]
     [[dante]]
@@ -158,10 +162,12 @@ def project_argv(conf: Path, loop: str) -> tuple[list[str], str]:
     return [PYTHON, str(HERE / "launch_project.py"), "--loop", loop, "-c", str(conf)], note
 
 
-def start_project(net: Net, loop: str = "default") -> tuple[Spawned, str]:
+def start_project(net: Net, loop: str = "default", extra_env: dict[str, str] | None = None) -> tuple[Spawned, str]:
     conf = project_config(net)
     argv, note = project_argv(conf, loop)
-    env = clean_env(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+    env = clean_env(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", **(extra_env or {}))
+    if extra_env:
+        note = "; ".join(filter(None, [note, " ".join(f"{k}={v}" for k, v in extra_env.items())]))
     process = net.spawn(net.client, "metaproxy", argv, env=env, cwd=str(REPO))
     net.wait_listening(net.client, PROXY_PORTS["project"], process)
     return process, note

@@ -126,8 +126,16 @@ def fd_count(pid: int) -> int:
 # ---- the three measurements ----------------------------------------------------
 
 class Bench:
-    def __init__(self, net: Net, plan: Plan, proxies: dict[str, Spawned], results: Results) -> None:
-        self.net, self.plan, self.proxies, self.results = net, plan, proxies, results
+    def __init__(self, net: Net, plan: Plan, starters: dict[str, Callable[[], Spawned]],
+                 results: Results) -> None:
+        self.net, self.plan, self.starters, self.results = net, plan, starters, results
+        self.proxies = {path: start() for path, start in starters.items()}
+
+    def restart(self, path: str) -> Spawned:
+        """A fresh proxy process, so that memory figures start from a clean heap."""
+        self.net.stop(self.proxies[path])
+        self.proxies[path] = self.starters[path]()
+        return self.proxies[path]
 
     def _alive(self, path: str) -> None:
         p = self.proxies.get(path)
@@ -178,10 +186,37 @@ class Bench:
             self.results.add("cpu_s_per_1k_conn", path, (after - before) / (requests / 1000))
 
     def idle(self, path: str) -> None:
-        proxy = self.proxies.get(path)
-        n = self.plan.idle_n
-        base_kb = rss_kb(proxy.pid) if proxy else 0
-        base_fds = fd_count(proxy.pid) if proxy else 0
+        """N idle connections; RSS per connection, and RSS once they are gone.
+
+        Each repetition starts a fresh proxy and warms it up with a few
+        connections (lazy imports, first-use caches), so that "before" is a
+        clean, warm heap: a heap that earlier tests grew would hide the cost.
+        """
+        proxy = self.restart(path) if path in self.proxies else None
+        base_kb = base_fds = 0
+        if proxy is not None:
+            fresh_fds = fd_count(proxy.pid)
+            self._hold(path, WARM_UP)
+            base_kb, base_fds = _settle(proxy.pid, fresh_fds)
+        opened, alive, held_kb = self._hold(path, self.plan.idle_n, proxy)
+        self._alive(path)
+        self.results.add("idle_held", path, float(min(opened["ok"], alive)))
+        if opened["failed"]:
+            self.results.notes.append(f"idle via {path}: {opened['ok']} opened, {opened['failed']} failed, "
+                                      f"{alive} alive at once")
+        if proxy is None or not opened["ok"]:
+            return
+        self.results.add("idle_rss_bytes_per_conn", path, (held_kb - base_kb) * 1024 / opened["ok"])
+        after_kb, _ = _settle(proxy.pid, base_fds)
+        self.results.notes.append(f"idle via {path}: VmRSS kB before={base_kb} held={held_kb} after={after_kb} "
+                                  f"for {opened['ok']}")
+        self.results.add("idle_rss_after_close_pct", path, (after_kb - base_kb) * 100 / base_kb)
+
+    def _hold(self, path: str, n: int, proxy: Spawned | None = None) -> tuple[dict[str, int], int, int]:
+        """Open n checked connections, read the proxy's RSS, check all at once, close.
+
+        Returns the holder's report, how many answered at once, and VmRSS (kB).
+        """
         holder = self.net.spawn(self.net.client, f"holder-{path}", [
             PYTHON, str(peers.HERE / "holder.py"), PATH_IPS[path], str(peers.ECHO_PORT), str(n)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -196,25 +231,20 @@ class Bench:
             if holder.popen.poll() is None:
                 holder.popen.kill()
                 holder.popen.wait(timeout=5)
-        self._alive(path)
-        self.results.add("idle_held", path, float(min(opened["ok"], alive)))
-        if opened["failed"]:
-            self.results.notes.append(f"idle via {path}: {opened['ok']} opened, {opened['failed']} failed, "
-                                      f"{alive} alive at once")
-        if proxy is None or not opened["ok"]:
-            return
-        self.results.add("idle_rss_bytes_per_conn", path, (held_kb - base_kb) * 1024 / opened["ok"])
-        after_kb = _settle(proxy.pid, base_fds)
-        self.results.add("idle_rss_after_close_pct", path, (after_kb - base_kb) * 100 / base_kb)
+            self.net.processes.remove(holder)
+        return opened, alive, held_kb
 
 
-def _settle(pid: int, base_fds: int, timeout: float = 15) -> int:
-    """Wait until the proxy has closed the idle test's sockets; then its RSS."""
+WARM_UP = 64
+
+
+def _settle(pid: int, base_fds: int, timeout: float = 15) -> tuple[int, int]:
+    """Wait until the proxy has closed the test's sockets; then its RSS (kB) and fds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and fd_count(pid) > base_fds + 8:
         time.sleep(0.1)
     time.sleep(0.5)
-    return rss_kb(pid)
+    return rss_kb(pid), fd_count(pid)
 
 
 def _read_json(p: Spawned, timeout: float) -> dict[str, int]:
@@ -311,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-n", type=int, help="idle connections (default 9000, smoke 300)")
     p.add_argument("--loop", choices=("default", "uvloop"), default="default",
                    help="metaproxy's event loop (uvloop through bench/launch_project.py)")
+    p.add_argument("--project-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for metaproxy (experiments, e.g. PYTHONMALLOC=malloc)")
     p.add_argument("--only", default="bulk,conn,idle", help="comma-separated subset of bulk,conn,idle")
     p.add_argument("--json", metavar="FILE", help="also write every raw value here")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
@@ -331,11 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         peers.start_iperf(net)
         peers.start_echo(net)
         peers.start_dante(net)
-        project, note = peers.start_project(net, a.loop)
-        redsocks = peers.start_redsocks(net)
-        if note:
-            results.notes.append(f"metaproxy: {note}")
-        bench = Bench(net, plan, {"project": project, "redsocks": redsocks}, results)
+        notes: list[str] = []
+
+        def project() -> Spawned:
+            process, note = peers.start_project(net, a.loop, dict(kv.split("=", 1) for kv in a.project_env))
+            if note and not notes:
+                notes.append(note)
+                results.notes.append(f"metaproxy: {note}")
+            return process
+        bench = Bench(net, plan, {"project": project, "redsocks": lambda: peers.start_redsocks(net)}, results)
         print(f"bench: {plan.reps} repetition(s), namespaces {net.prefix}*, logs in {net.tmp}", flush=True)
         for phase in phases:
             measure = getattr(bench, phase)
