@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from metaproxy.firewall import text
 from metaproxy.firewall.plan import (
-    Action, Chain, Dnat, Hook, Ndp, Plan, Redirect, Reject, RejectWith, Return, Rule, SetMark, Tproxy,
+    Action, Chain, Dnat, Drop, Hook, Ndp, Plan, Redirect, Reject, RejectWith, Return, Rule, SetMark, Tproxy,
     endpoint,
 )
 
@@ -36,6 +36,7 @@ _PLACES = {
     Hook.FILTER_OUTPUT: ("filter", "OUTPUT", CHAIN),
     Hook.MANGLE_OUTPUT: ("mangle", "OUTPUT", CHAIN),
     Hook.MANGLE_PREROUTING: ("mangle", "PREROUTING", f"{CHAIN}_TPROXY"),
+    Hook.MANGLE_POSTROUTING: ("mangle", "POSTROUTING", f"{CHAIN}_GUARD"),
     Hook.NAT_OUTPUT: ("nat", "OUTPUT", CHAIN),
 }
 _LOAD_ORDER = ("filter", "mangle", "nat")
@@ -142,6 +143,8 @@ def _rule(rule: Rule, family: int) -> list[list[str]]:
         head += ["-i", "lo"]
     if m.out_loopback:
         head += ["-o", "lo"]
+    if m.out_not_loopback:
+        head += ["!", "-o", "lo"]
     tail: list[str] = []
     if m.proto is not None:
         tail += ["-p", m.proto.value if m.proto.value != "icmpv6" else "ipv6-icmp"]
@@ -168,6 +171,8 @@ def _target(action: Action, family: int) -> list[str]:
         return ["-j", "DNAT", "--to-destination", endpoint(action.address, action.port)]
     if isinstance(action, Reject):
         return ["-j", "REJECT", "--reject-with", _REJECT[family][action.reply]]
+    if isinstance(action, Drop):
+        return ["-j", "DROP"]
     if isinstance(action, SetMark):
         return ["-j", "MARK", "--set-mark", f"{action.mark:#x}"]
     if isinstance(action, Tproxy):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from metaproxy.firewall import text
 from metaproxy.firewall.plan import (
-    Action, Dnat, Hook, Match, Ndp, Plan, Redirect, Reject, RejectWith, Return, Rule, SetMark,
+    Action, Dnat, Drop, Hook, Match, Ndp, Plan, Redirect, Reject, RejectWith, Return, Rule, SetMark,
     Tproxy, endpoint,
 )
 
@@ -33,9 +33,11 @@ _CHAINS = {
     Hook.FILTER_OUTPUT: ("filter_output", "type filter hook output priority 0; policy accept;"),
     Hook.MANGLE_OUTPUT: ("mangle_output", "type route hook output priority -150; policy accept;"),
     Hook.MANGLE_PREROUTING: ("mangle_prerouting", "type filter hook prerouting priority -150; policy accept;"),
+    Hook.MANGLE_POSTROUTING: ("mangle_postrouting", "type filter hook postrouting priority -150; policy accept;"),
     Hook.NAT_OUTPUT: ("nat_output", "type nat hook output priority -100; policy accept;"),
 }
-_ORDER = (Hook.FILTER_OUTPUT, Hook.MANGLE_OUTPUT, Hook.MANGLE_PREROUTING, Hook.NAT_OUTPUT)
+_ORDER = (Hook.FILTER_OUTPUT, Hook.MANGLE_OUTPUT, Hook.MANGLE_PREROUTING, Hook.MANGLE_POSTROUTING,
+          Hook.NAT_OUTPUT)
 
 _NDP_NAMES = {
     Ndp.ROUTER_SOLICIT: "nd-router-solicit",
@@ -112,6 +114,8 @@ def _match(m: Match) -> list[str]:
         words.append('iifname "lo"')
     if m.out_loopback:
         words.append('oifname "lo"')
+    if m.out_not_loopback:
+        words.append('oifname != "lo"')
     if m.uid is not None:
         words.append(f"meta skuid {m.uid if m.uid.isdigit() else _quote(m.uid)}")
     if m.mark is not None:
@@ -137,6 +141,8 @@ def _statement(action: Action) -> list[str]:
         return [f"dnat {_ADDR[action.address.version]} to {endpoint(action.address, action.port)}"]
     if isinstance(action, Reject):
         return ["counter", _REJECT[action.reply]]
+    if isinstance(action, Drop):
+        return ["counter", "drop"]
     if isinstance(action, SetMark):
         return [f"meta mark set {action.mark:#x}"]
     if isinstance(action, Tproxy):

@@ -87,6 +87,7 @@ class Hook(enum.Enum):
     NAT_OUTPUT = "nat output"              # REDIRECT/DNAT of locally generated packets
     MANGLE_OUTPUT = "mangle output"        # TPROXY: mark, so that policy routing sends them to lo
     MANGLE_PREROUTING = "mangle prerouting"  # TPROXY: hand marked packets to the listener
+    MANGLE_POSTROUTING = "mangle postrouting"  # TPROXY: marked packets must not leave (no policy routing)
     FILTER_OUTPUT = "filter output"        # strict: reject what is not allowed
 
 
@@ -117,6 +118,7 @@ class Match:
     family: int | None = None
     uid: str | None = None
     out_loopback: bool = False
+    out_not_loopback: bool = False      # in POSTROUTING: the interface after any rerouting
     in_loopback: bool = False
     daddr: tuple[IPNetwork, ...] = ()   # any of these
     proto: Proto | None = None
@@ -149,6 +151,11 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
+class Drop:
+    """Only where REJECT is not allowed (POSTROUTING), and only as a safety net."""
+
+
+@dataclass(frozen=True, slots=True)
 class SetMark:
     mark: int
 
@@ -160,7 +167,7 @@ class Tproxy:
     mark: int
 
 
-Action = Union[Return, Redirect, Dnat, Reject, SetMark, Tproxy]
+Action = Union[Return, Redirect, Dnat, Reject, Drop, SetMark, Tproxy]
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,11 +250,15 @@ def build(s: Settings) -> Plan:
                     _divert(s, reserved, proxies, dns, listeners))]
     if s.mode is Mode.TPROXY:
         chains.append(Chain(Hook.MANGLE_PREROUTING, _tproxy(s, listeners)))
+        chains.append(Chain(Hook.MANGLE_POSTROUTING, (Rule(
+            Match(mark=TPROXY_MARK, out_not_loopback=True), Drop(),
+            "marked packets leave only through lo: without the policy routing they would go out "
+            "directly, so they are dropped instead"),)))
         if s.strict and dns is not None:
             # Only the resolver's family needs this chain: the other has nothing to translate.
             chains.append(Chain(Hook.NAT_OUTPUT, _leave_alone(s, dns[0].version) + _dns(dns)))
     if s.strict:
-        chains.append(Chain(Hook.FILTER_OUTPUT, _strict(s, proxies, dns)))
+        chains.append(Chain(Hook.FILTER_OUTPUT, _strict(s, proxies, dns, listeners)))
     return Plan(settings=s, chains=tuple(chains), notes=_notes(s, listeners))
 
 
@@ -326,10 +337,26 @@ def _tproxy(s: Settings, listeners: dict[int, IPAddress | None]) -> tuple[Rule, 
     return tuple(rules)
 
 
-def _strict(s: Settings, proxies: tuple[tuple[IPAddress, int], ...],
-            dns: tuple[IPAddress, int] | None) -> tuple[Rule, ...]:
-    rules = [Rule(Match(out_loopback=True), Return(),
-                  "loopback, which the diverted connections and local resolvers use")]
+def _strict(s: Settings, proxies: tuple[tuple[IPAddress, int], ...], dns: tuple[IPAddress, int] | None,
+            listeners: dict[int, IPAddress | None]) -> tuple[Rule, ...]:
+    # Why not just "-o lo": the output interface a filter rule sees is the one
+    # of the route taken before NAT or a mark changed it. A connection that
+    # REDIRECT rewrote to 127.0.0.1, or that TPROXY's mark reroutes to lo,
+    # still shows the original interface. So the diverted traffic is allowed
+    # by what we did to it: its new destination, or its mark.
+    rules = [Rule(Match(out_loopback=True), Return(), "loopback, and local resolvers")]
+    why = "diverted connections and DNS: REDIRECT rewrote the destination to loopback"
+    rules += [Rule(Match(family=4, daddr=(ipaddress.ip_network("127.0.0.0/8"),)), Return(), why),
+              Rule(Match(family=6, daddr=(ipaddress.ip_network("::1/128"),)), Return(), why)]
+    if s.mode is Mode.REDIRECT:
+        for family in (4, 6):
+            ip = listeners[family]
+            if ip is not None and not ip.is_loopback and not ip.is_unspecified:
+                rules.append(Rule(Match(family=family, daddr=(ipaddress.ip_network(ip),), proto=Proto.TCP,
+                                        dport=s.port), Return(), "diverted connections: DNAT to the listener"))
+    else:
+        rules.append(Rule(Match(mark=TPROXY_MARK), Return(),
+                          "diverted connections: marked, so policy routing delivers them through lo"))
     rules += [Rule(Match(uid=u), Return(), "exempted users") for u in s.exempt_users]
     rules += [Rule(Match(family=ip.version, daddr=(ipaddress.ip_network(ip),), proto=Proto.TCP, dport=port),
                    Return(), "the daemon reaching the upstream proxies") for ip, port in proxies]
