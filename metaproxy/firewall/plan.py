@@ -24,10 +24,12 @@ under REDIRECT, mangle OUTPUT under TPROXY):
    diverted: the proxy could not reach them anyway.
 6. Everything else that is TCP goes to the listener.
 
-The strict filter then lets through only loopback (which the redirected
-connections now use), the exempted users, the upstreams, the resolver and
-IPv6 neighbour discovery, and rejects the rest with a reply, so that
-applications fail at once instead of waiting for a timeout.
+The strict filter then lets through only loopback, what we diverted (now
+bound for a loopback address, or carrying our TPROXY mark), the exempted
+users, the upstreams, the resolver and IPv6 neighbour discovery, and
+rejects the rest with a reply, so that applications fail at once instead of
+waiting for a timeout. Under TPROXY a POSTROUTING guard drops marked packets
+that would leave through a real interface (the policy routing is missing).
 """
 
 from __future__ import annotations

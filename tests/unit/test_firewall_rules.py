@@ -289,3 +289,25 @@ def test_shipped_config_renders_for_every_backend() -> None:
     for backend in BACKENDS:
         for strict in (False, True):
             assert "8675" in render(shipped, backend, strict=strict)
+
+
+def test_strict_filter_allows_what_redirect_rewrote_to_loopback(tmp_path: pathlib.Path) -> None:
+    """A filter rule sees the pre-NAT output interface: "-o lo" alone would reset every diverted connection."""
+    chain = plan_for(config(tmp_path), strict=True).chain(Hook.FILTER_OUTPUT)
+    assert chain is not None
+    allowed = [r.match.daddr for r in chain.rules if isinstance(r.action, Return) and r.match.daddr]
+    assert (ipaddress.ip_network("127.0.0.0/8"),) in allowed and (ipaddress.ip_network("::1/128"),) in allowed
+    text = render(config(tmp_path, daemon="listen = 192.0.2.1, ::1"), "iptables", strict=True)
+    assert "-A METAPROXY -d 192.0.2.1/32 -p tcp -m tcp --dport 8675 -j RETURN" in text.split("*nat")[0]
+
+
+def test_tproxy_strict_allows_the_mark_and_guards_postrouting(tmp_path: pathlib.Path) -> None:
+    plan = plan_for(config(tmp_path, daemon="mode = tproxy"), strict=True)
+    strict = plan.chain(Hook.FILTER_OUTPUT)
+    assert strict is not None and any(r.match.mark is not None for r in strict.rules)
+    guard = plan.chain(Hook.MANGLE_POSTROUTING)
+    assert guard is not None and [type(r.action).__name__ for r in guard.rules] == ["Drop"]
+    assert "-A METAPROXY_GUARD ! -o lo -m mark --mark 0x8675 -j DROP" in \
+        render(config(tmp_path, daemon="mode = tproxy"), "iptables", strict=False)
+    assert 'oifname != "lo" meta mark 0x8675 counter drop' in \
+        render(config(tmp_path, daemon="mode = tproxy"), "nftables", strict=False)
