@@ -257,8 +257,7 @@ def test_reload_keeps_listeners_user_and_sandbox_and_says_they_need_a_restart(
     daemon = handle.daemon
     before = _identity(handle.pid)
     mark = daemon.mark()
-    # "127.0.0.1," is a one-element list for configobj.
-    text = config(handle.port + 1000, {SINK: "a"}).replace("listen = 127.0.0.1, ::1", "listen = 127.0.0.1,")
+    text = config(handle.port + 1000, {SINK: "a"}).replace("listen = 127.0.0.1, ::1", "listen = 127.0.0.1")
     text = text.replace("user = nobody", "user = daemon")
     text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("seccomp ="))
     text = text.replace("[upstreams]", "seccomp = off\n[upstreams]")
