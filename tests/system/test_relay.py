@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import socket
+import struct
+import time
 
 import pytest
 
@@ -130,3 +134,76 @@ def test_idle_connection_is_closed_after_idle_timeout(world: World, start_own_da
     assert not outcome.error, f"still open after {outcome.seconds:.1f}s\ndaemon:\n{daemon.log()}"
     assert outcome.data == b""
     assert 0.8 <= outcome.seconds < 3.0, outcome
+
+
+def _dante_session_starts(world: World, mark: int, dest_port: int, count: int, timeout: float = 5) -> None:
+    """Wait (bounded) until dante has logged `count` opened sessions to dest_port after mark."""
+    for _ in range(int(timeout / 0.05) + 1):
+        text = world.gateway.dante_log.read_text(errors="replace")[mark:]
+        if sum(1 for line in text.splitlines()
+               if "tcp/connect [:" in line and line.rstrip().endswith(f".{dest_port}")) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"dante did not log {count} sessions to port {dest_port}")
+
+
+def _dante_session_ends(world: World, mark: int, dest_port: int, count: int, timeout: float = 5) -> list[str]:
+    """dante's "session ended" lines (tcp/connect ]) to dest_port logged after mark."""
+    lines: list[str] = []
+    for _ in range(int(timeout / 0.05) + 1):
+        text = world.gateway.dante_log.read_text(errors="replace")[mark:]
+        lines = [line for line in text.splitlines()
+                 if "tcp/connect ]:" in line and re.search(rf"\.{dest_port} -> \d+: ", line)]
+        if len(lines) >= count:
+            return lines
+        time.sleep(0.05)
+    raise AssertionError(f"dante logged {len(lines)} of {count} session ends to port {dest_port}:\n"
+                         f"{world.gateway.dante_log.read_text(errors='replace')[mark:]}")
+
+
+def test_client_reset_reaches_upstream_as_reset_and_close_as_close(world: World, relay: Daemon) -> None:
+    """A client that aborts (RST) makes the daemon reset the upstream connection too, while
+    an orderly close stays orderly: dante's log tells "reset by peer" from "closed"."""
+    mark = len(world.gateway.dante_log.read_text(errors="replace"))
+    aborted = world.client.connect(WEB4, peers.SILENT_PORT)
+    aborted.sendall(b"abort me")
+    _dante_session_starts(world, mark, peers.SILENT_PORT, 1)
+    aborted.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    aborted.close()
+    [end] = _dante_session_ends(world, mark, peers.SILENT_PORT, 1)
+    assert "reset by peer" in end, end
+    mark = len(world.gateway.dante_log.read_text(errors="replace"))
+    closed = world.client.connect(WEB4, peers.SILENT_PORT)
+    closed.sendall(b"close me")
+    _dante_session_starts(world, mark, peers.SILENT_PORT, 1)
+    closed.close()
+    [end] = _dante_session_ends(world, mark, peers.SILENT_PORT, 1)
+    assert "local client closed" in end, end
+
+
+def test_max_connections_refuses_further_clients_with_reset(world: World,
+                                                           start_own_daemon: StartDaemon) -> None:
+    """With max_connections = 2, a third client is reset at once; once one closes, a new
+    client is relayed again."""
+    def config(port: int) -> str:
+        return daemon_section(port, max_connections=2) + (
+            f"[upstreams]\n    [[dante]]\n    type = socks5\n    address = {GATEWAY4}:{peers.DANTE_PORT}\n"
+            f"[routes]\n{peers.SILENT_PORT} = dante\n{peers.SINK_PORT} = dante\n")
+    daemon = start_own_daemon("metaproxy-max", config)
+    held = [world.client.connect(WEB4, peers.SILENT_PORT) for _ in range(2)]
+    try:
+        for sock in held:
+            sock.sendall(b"x")
+        daemon.wait_log("cid=2 open")
+        third = clients.exchange(world.client, WEB4, peers.SINK_PORT, b"x", half_close=True)
+        assert third.reset and third.seconds < 1.0, f"{third}\ndaemon:\n{daemon.log()}"
+    finally:
+        held.pop().close()
+    try:
+        mark = daemon.mark()
+        daemon.wait_log("close", since=mark)
+        again = clients.exchange(world.client, WEB4, peers.SINK_PORT, b"x", half_close=True)
+        assert again.data.decode() == f"{hashlib.sha256(b'x').hexdigest()} 1\n", f"{again}\n{daemon.log()}"
+    finally:
+        for sock in held:
+            sock.close()
