@@ -12,7 +12,8 @@ from tests.system import clients
 from tests.system.daemon import Daemon
 from tests.system.lab import WEB4, WEB6
 from tests.system.peers import World
-from tests.system.topology import DOWN_PORT, SILENT_UPSTREAM_DEST_PORT, UNMATCHED_PORT, UPSTREAMS
+from tests.system.topology import (DOWN_PORT, HTTP_BAD_AUTH_PORT, SILENT_UPSTREAM_DEST_PORT,
+                                   SOCKS_BAD_AUTH_PORT, UNMATCHED_PORT, UPSTREAMS)
 
 WEB = {"ipv4": WEB4, "ipv6": WEB6}
 REQUEST = b"GET / HTTP/1.0\r\n\r\n"
@@ -65,6 +66,20 @@ def test_silent_upstream_hits_connect_timeout_and_client_is_reset(world: World, 
     outcome = clients.exchange(world.client, WEB[family], SILENT_UPSTREAM_DEST_PORT, REQUEST, timeout=10)
     assert outcome.reset, f"expected a reset, got {outcome}\ndaemon:\n{relay.log()[-2000:]}"
     assert 0.8 <= outcome.seconds < 3.0, outcome
+
+
+@pytest.mark.parametrize("upstream,port,reason", [("http_bad_auth", HTTP_BAD_AUTH_PORT, "401"),
+                                                   ("socks_bad_auth", SOCKS_BAD_AUTH_PORT, "auth")])
+def test_upstream_rejecting_credentials_resets_client_and_says_why(world: World, relay: Daemon, upstream: str,
+                                                                   port: int, reason: str) -> None:
+    """Wrong credentials (tinyproxy answers 401 to a bad BasicAuth, microsocks refuses the RFC 1929 login):
+    the client is reset at once and the daemon's log says what the upstream answered."""
+    mark = relay.mark()
+    outcome = clients.exchange(world.client, WEB4, port, REQUEST)
+    assert outcome.reset and outcome.seconds < 1.0, outcome
+    log = relay.wait_log(f"upstream {upstream}", since=mark)
+    refusals = [line for line in log.splitlines() if f"upstream {upstream}" in line]
+    assert refusals and reason in refusals[0].lower(), f"expected {reason!r} in the refusal:\n{log}"
 
 
 def test_one_failing_connection_leaves_the_others_working(world: World, relay: Daemon) -> None:

@@ -47,7 +47,12 @@ EXTRA_ROUTES = {ISO_DESTINATION_OTHER_PORT: "iso_destination"}
 SINK_ROUTE = (peers.SINK_PORT, "dante")
 SILENT_DEST_ROUTE = (peers.SILENT_PORT, "dante")
 DOWN_PORT, SILENT_UPSTREAM_DEST_PORT, UNMATCHED_PORT = 9003, 9004, 9999
+HTTP_BAD_AUTH_PORT, SOCKS_BAD_AUTH_PORT = 9005, 9006
 EXTRA_UPSTREAMS = {
+    "http_bad_auth": f"type = http\naddress = {GATEWAY4}:{peers.TINYPROXY_AUTH_PORT}\n"
+                     f"username = {peers.HTTP_USER}\npassword = wrong\n",
+    "socks_bad_auth": f"type = socks5\naddress = {GATEWAY4}:{peers.MICROSOCKS_AUTH_PORT}\n"
+                      f"username = {peers.MICROSOCKS_USER}\npassword = wrong\n",
     "down": f"type = socks5\naddress = {GATEWAY4}:{peers.DOWN_UPSTREAM_PORT}\n",
     "silent": f"type = socks5\naddress = {GATEWAY4}:{peers.SILENT_UPSTREAM_PORT}\nconnect_timeout = 1\n",
 }
@@ -69,7 +74,8 @@ def shared_config(port: int, unix_socket: Path) -> str:
     out += [f"{port} = {name}" for name, (port, _) in UPSTREAMS.items()]
     out += [f"{port} = {name}" for port, name in EXTRA_ROUTES.items()]
     out += [f"{SINK_ROUTE[0]} = {SINK_ROUTE[1]}", f"{SILENT_DEST_ROUTE[0]} = {SILENT_DEST_ROUTE[1]}",
-            f"{DOWN_PORT} = down", f"{SILENT_UPSTREAM_DEST_PORT} = silent"]
+            f"{DOWN_PORT} = down", f"{SILENT_UPSTREAM_DEST_PORT} = silent",
+            f"{HTTP_BAD_AUTH_PORT} = http_bad_auth", f"{SOCKS_BAD_AUTH_PORT} = socks_bad_auth"]
     return "\n".join(out) + "\n"
 
 
