@@ -16,6 +16,8 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,8 @@ from tests.system.peers import World
 SINK = peers.SINK_PORT
 LOAD = 200                       # relayed connections held open across a reload
 NEWLY_ROUTED = 8007              # nginx listens here (topology.HTTP_PORTS); unrouted at first
-DRAIN = 3.0                      # drain_timeout of the SIGTERM test, seconds
+DRAIN = 4.0                      # drain_timeout of the SIGTERM test, seconds
+BIG_PORT = 8001                  # nginx serves big.bin (50 MB) here too
 
 
 def config(port: int, routes: dict[int, str], **daemon: object) -> str:
@@ -134,14 +137,15 @@ def notified_daemon(world: World) -> Iterator[Callable[..., Notified]]:
             handle.notify.close()
 
 
-def assert_reload_notified(notify: NotifySocket) -> None:
-    """RELOADING=1, then READY=1 again once the new table is in use."""
+def assert_reload_notified(notify: NotifySocket) -> str:
+    """RELOADING=1, then READY=1 again once the new table is in use; returns the latter."""
     notify.wait_for("RELOADING=1")
     for _ in range(100):
         messages = notify.collect()
         first = next(i for i, m in enumerate(messages) if m.startswith("RELOADING=1"))
-        if any(m.startswith("READY=1") for m in messages[first + 1:]):
-            return
+        ready = [m for m in messages[first + 1:] if m.startswith("READY=1")]
+        if ready:
+            return ready[0]
         time.sleep(0.05)
     raise AssertionError(f"no READY=1 after RELOADING=1: {notify.messages}")
 
@@ -221,7 +225,8 @@ def test_reload_under_load_keeps_open_connections_and_new_ones_take_the_new_rout
         handle.rewrite(config(handle.port, {SINK: "down", NEWLY_ROUTED: "b"}))
         handle.signal(signal.SIGHUP)
         assert "reloaded routes and upstreams" in daemon.wait_log("reloaded routes and upstreams", mark)
-        assert_reload_notified(handle.notify)
+        ready = assert_reload_notified(handle.notify)
+        assert ready.startswith(f"READY=1\nSTATUS={LOAD} open, {LOAD + 1} total, 1 refused"), ready
 
         # New connections follow the new table.
         moved = clients.exchange(world.client, WEB4, SINK, b"new", half_close=True)
@@ -315,17 +320,31 @@ def late_connection(world: World) -> clients.Outcome:
 def test_sigterm_lets_transfers_finish_within_the_drain_time_then_resets_the_rest(
         world: World, notified_daemon: Callable[..., Notified]) -> None:
     """After SIGTERM the daemon says STOPPING=1 and refuses new connections; transfers
-    that end within drain_timeout complete correctly; the ones still open then are
-    reset; the process exits 0."""
-    handle = notified_daemon(lambda port: config(port, {SINK: "a"}, drain_timeout=int(DRAIN)))
+    in flight (a 50 MB download, uploads that keep sending) complete correctly within
+    drain_timeout; the connections still open then are reset; the process exits 0."""
+    handle = notified_daemon(lambda port: config(port, {SINK: "a", BIG_PORT: "a"},
+                                                 drain_timeout=int(DRAIN)))
     daemon = handle.daemon
     finishing = open_streams(world.lab, 5, "finishing")
     lingering = open_streams(world.lab, 5, "lingering")
+    download: list[subprocess.CompletedProcess[bytes]] = []
+    big = world.lab.tmp / f"big-{handle.port}.bin"
+    threads: list[threading.Thread] = []
     try:
         wait_opened(daemon, "a", 10)
+        threads.append(_background(lambda: download.append(world.client.run(
+            ["curl", "-q", "--silent", "--show-error", "--fail", "--limit-rate", "25M", "--max-time",
+             str(int(DRAIN + 10)), "--output", str(big), clients.url(WEB4, BIG_PORT, "/big.bin")],
+            check=False, timeout=DRAIN + 15)), "download"))
+        wait_opened(daemon, "a", 11)
+        uploads_end = time.monotonic() + 1.5
+        threads.append(_background(lambda: _trickle(finishing, uploads_end), "uploads"))
+        time.sleep(0.4)  # the download and the uploads are under way
+
         mark = daemon.mark()
         started = time.monotonic()
         handle.signal(signal.SIGTERM)
+        assert not download, "the download ended before SIGTERM: nothing was in flight"
         assert handle.notify.wait_for("STOPPING=1", timeout=2)
 
         # The listeners are closed: a connection redirected now is refused at once.
@@ -333,11 +352,15 @@ def test_sigterm_lets_transfers_finish_within_the_drain_time_then_resets_the_res
         assert late.reset and late.data == b"" and late.seconds < 1, late
 
         # Transfers in flight go on during the drain and end normally.
+        for thread in threads:
+            thread.join(DRAIN + 20)
         for i, stream in enumerate(finishing):
-            stream.send(f"finishing {i} during the drain\n".encode() * 100)
             assert stream.finish() == stream.expected(), f"finishing connection {i}"
+        got, = download
+        assert got.returncode == 0, got.stderr.decode(errors="replace")
+        assert _sha256(big) == world.web.big_sha256, "the download was cut short or corrupted"
         finished = time.monotonic() - started
-        assert finished < DRAIN
+        assert finished < DRAIN, f"the transfers took {finished:.2f}s, longer than the drain"
 
         # The rest are reset once the drain time is over.
         for i, stream in enumerate(lingering):
@@ -351,14 +374,41 @@ def test_sigterm_lets_transfers_finish_within_the_drain_time_then_resets_the_res
         code = daemon.process.popen.wait(timeout=10)
         assert code == 0, daemon.log_since(mark)
         log = daemon.log_since(mark)
-        assert "draining 10 connections" in log and "stopped:" in log, log
-        assert "drain time over" in log
+        assert "draining 11 connections" in log and "stopped:" in log, log
+        assert log.count("shutdown: drain time over") == 5, log
         messages = handle.notify.collect()
         assert messages[0].startswith("READY=1\nSTATUS=")
         assert any(m.startswith("STOPPING=1") for m in messages), messages
     finally:
         for stream in finishing + lingering:
             stream.close()
+        for thread in threads:
+            thread.join(DRAIN + 20)
+        big.unlink(missing_ok=True)
+
+
+def _background(fn: Callable[[], object], name: str) -> threading.Thread:
+    thread = threading.Thread(target=fn, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _trickle(streams: list[SinkStream], until: float) -> None:
+    """Keep every stream sending a little, every 20 ms, until the given time."""
+    for n in range(1000):
+        if time.monotonic() >= until:
+            return
+        for stream in streams:
+            stream.send(f"chunk {n}\n".encode() * 20)
+        time.sleep(0.02)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def test_sigterm_exits_as_soon_as_the_last_transfer_ends(
