@@ -2,7 +2,7 @@
 
 1. tools/build-deb.sh builds the .deb from this tree (unit tests are the unit
    tier's job, so the build here is nocheck); lintian must print nothing.
-2. The unit file rates 2.0 or lower in ``systemd-analyze security``.
+2. The unit files rate 2.0 or lower in ``systemd-analyze security``.
 3. A cached debootstrapped bookworm (tests/package/rootfs.py) boots under
    systemd-nspawn with a private network. Inside it: apt-get install the .deb;
    the service runs as _metaproxy without capabilities; REDIRECT rules (the
@@ -35,7 +35,7 @@ from tests.package.container import Container
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSPATH = rootfs.SYSPATH
-UNIT_SOURCE = ROOT / "debian/subgraph-metaproxy.metaproxy.service"
+UNITS = ("metaproxy.service", "metaproxy-firewall.service")  # debian/subgraph-metaproxy.<unit>
 MAX_EXPOSURE = 2.0
 WEB_IP = "198.51.100.2"        # RFC 5737, on the container's lo
 SOCKS = "127.0.0.1:1080"       # microsocks, as the unprivileged user nobody
@@ -190,12 +190,14 @@ def test_lintian_pedantic_prints_nothing(debs: Path) -> None:
         shutil.rmtree(lint, ignore_errors=True)
 
 
-def test_unit_file_exposure_is_at_most_2() -> None:
-    """systemd-analyze security --offline=true rates debian/'s unit 2.0 or lower."""
+@pytest.mark.parametrize("unit", UNITS)
+def test_unit_file_exposure_is_at_most_2(unit: str) -> None:
+    """systemd-analyze security --offline=true rates the unit in debian/ 2.0 or lower."""
     _precondition()
-    result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT_SOURCE)],
+    source = ROOT / "debian" / f"subgraph-metaproxy.{unit}"
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(source)],
                             capture_output=True, text=True, timeout=60, env={"PATH": SYSPATH})
-    level = exposure(result.stdout + result.stderr, UNIT_SOURCE.name)
+    level = exposure(result.stdout + result.stderr, source.name)
     assert level <= MAX_EXPOSURE, f"exposure {level} > {MAX_EXPOSURE}:\n{result.stdout}"
 
 
@@ -225,14 +227,17 @@ def test_install_creates_the_user_and_starts_the_service(box: Container, deb: Pa
     assert "/etc/subgraph_metaproxy.conf" in conffiles
 
 
-def test_installed_unit_verifies_silently_and_rates_at_most_2(box: Container) -> None:
-    """systemd-analyze verify prints nothing; security rates the loaded unit 2.0 or lower."""
-    verify = box.run(["systemd-analyze", "verify", "metaproxy.service"], check=False)
-    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), \
-        f"systemd-analyze verify ({verify.returncode}):\n{verify.stdout}{verify.stderr}"
-    security = box.run(["systemd-analyze", "security", "--no-pager", "metaproxy.service"], check=False)
-    level = exposure(security.stdout + security.stderr, "metaproxy.service")
-    assert level <= MAX_EXPOSURE, f"exposure {level}:\n{security.stdout}"
+def test_installed_units_verify_silently_and_rate_at_most_2(box: Container) -> None:
+    """systemd-analyze verify prints nothing; security rates each loaded unit 2.0 or lower."""
+    for unit in UNITS:
+        verify = box.run(["systemd-analyze", "verify", unit], check=False)
+        assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), \
+            f"systemd-analyze verify {unit} ({verify.returncode}):\n{verify.stdout}{verify.stderr}"
+        security = box.run(["systemd-analyze", "security", "--no-pager", unit], check=False)
+        level = exposure(security.stdout + security.stderr, unit)
+        assert level <= MAX_EXPOSURE, f"{unit}: exposure {level}:\n{security.stdout}"
+    # The firewall unit changes the host's firewall: installed, never enabled by the package.
+    assert box.run(["systemctl", "is-enabled", "metaproxy-firewall"], check=False).stdout.strip() == "disabled"
 
 
 def test_man_pages_and_launcher_are_installed(box: Container) -> None:
@@ -370,7 +375,7 @@ def test_purge_removes_the_package_and_keeps_the_user(box: Container) -> None:
     gone = box.run(["sh", "-c", "dpkg-query -W -f='${Status}' subgraph-metaproxy 2>&1 || true"]).stdout
     assert "ok installed" not in gone and "config-files" not in gone, gone
     for path in ("/usr/sbin/subgraph_metaproxy", "/etc/subgraph_metaproxy.conf",
-                 "/lib/systemd/system/metaproxy.service",
+                 "/lib/systemd/system/metaproxy.service", "/lib/systemd/system/metaproxy-firewall.service",
                  "/etc/systemd/system/multi-user.target.wants/metaproxy.service"):
         assert box.run(["test", "!", "-e", path], check=False).returncode == 0, f"{path} is left after purge"
     assert box.run(["getent", "passwd", "_metaproxy"], check=False).returncode == 0
