@@ -207,3 +207,25 @@ def test_max_connections_refuses_further_clients_with_reset(world: World,
     finally:
         for sock in held:
             sock.close()
+
+
+def test_100_concurrent_connections_each_arrive_intact(world: World, relay: Daemon) -> None:
+    """100 clients at once, half to IPv4 and half to IPv6, each upload 1 MB and half-close:
+    every one gets back the sha256 of exactly its own bytes."""
+    import threading
+    results: dict[int, bool] = {}
+
+    def one(index: int) -> None:
+        data = os.urandom(1 << 20)
+        outcome = clients.exchange(world.client, WEB4 if index % 2 else WEB6, SINK_ROUTE[0], data,
+                                   half_close=True, timeout=30)
+        results[index] = outcome.data.decode() == f"{hashlib.sha256(data).hexdigest()} {len(data)}\n"
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(100)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    bad = sorted(i for i in range(100) if not results.get(i))
+    assert not bad, f"{len(bad)} of 100 connections failed: {bad[:10]}\ndaemon:\n{relay.log()[-3000:]}"
