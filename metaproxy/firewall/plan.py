@@ -366,8 +366,15 @@ def _strict(s: Settings, proxies: tuple[tuple[IPAddress, int], ...], dns: tuple[
         ip, port = dns
         rules += [Rule(Match(family=ip.version, daddr=(ipaddress.ip_network(ip),), proto=p, dport=port),
                        Return(), "the configured resolver") for p in (Proto.UDP, Proto.TCP)]
-    rules.append(Rule(Match(family=6, ndp=tuple(Ndp)), Return(),
-                      "IPv6 neighbour discovery (on-link only: hop limit 255), to reach an IPv6 upstream"))
+    # Neighbour discovery only when something we let out needs IPv6: otherwise
+    # even the kernel's own solicitations (which name this host's link-local,
+    # MAC-derived address) stay in.
+    needs_ipv6 = any(ip.version == 6 for ip, _ in proxies) or bool(s.exempt_users) or \
+        (dns is not None and dns[0].version == 6 and not dns[0].is_loopback)
+    if needs_ipv6:
+        rules.append(Rule(Match(family=6, ndp=tuple(Ndp)), Return(),
+                          "IPv6 neighbour discovery (on-link only: hop limit 255), to reach IPv6 "
+                          "upstreams, the resolver or what exempted users reach"))
     rules += [
         Rule(Match(proto=Proto.TCP), Reject(RejectWith.TCP_RESET), "everything else is refused at once"),
         Rule(Match(proto=Proto.UDP), Reject(RejectWith.PORT_UNREACHABLE), "everything else is refused at once"),

@@ -152,15 +152,14 @@ def test_strict_filter_allows_loopback_upstreams_and_ndp_then_rejects_with_a_rep
         Reject(RejectWith.TCP_RESET), Reject(RejectWith.PORT_UNREACHABLE), Reject(RejectWith.ADMIN_PROHIBITED)]
     # The last rule matches everything, in both families: nothing falls through.
     assert chain.rules[-1].match == type(chain.rules[-1].match)()
-    ndp = [r for r in chain.rules if r.match.ndp]
-    assert len(ndp) == 1 and ndp[0].match.family == 6
+    assert not any(r.match.ndp for r in chain.rules), "no IPv6 is let out: no neighbour discovery either"
     # The service user has no blanket exception: it reaches the upstreams only.
     assert all(r.match.uid is None for r in chain.rules)
     four = render(config(tmp_path), "iptables", strict=True)
     assert "-A METAPROXY -j REJECT --reject-with icmp-admin-prohibited\nCOMMIT" in four
     six = render(config(tmp_path), "ip6tables", strict=True)
     assert "-A METAPROXY -p udp -j REJECT --reject-with icmp6-port-unreachable" in six
-    assert "-m hl --hl-eq 255" in six and "icmpv6" not in four
+    assert "icmpv6" not in four
     assert "counter reject with icmpx type admin-prohibited\n\t}" in render(config(tmp_path), "nftables", strict=True)
 
 
@@ -311,3 +310,17 @@ def test_tproxy_strict_allows_the_mark_and_guards_postrouting(tmp_path: pathlib.
         render(config(tmp_path, daemon="mode = tproxy"), "iptables", strict=False)
     assert 'oifname != "lo" meta mark 0x8675 counter drop' in \
         render(config(tmp_path, daemon="mode = tproxy"), "nftables", strict=False)
+
+
+@pytest.mark.parametrize(("upstreams", "dns", "exempt", "allowed"), [
+    ("", "", [], False),
+    ("", "[::1]:5353", [], False),
+    ("", "[2001:db8:1::53]:53", [], True),
+    ("    [[v6]]\n    type = socks5\n    address = [2001:db8:1::2]:1080\n", "", [], True),
+    ("", "", ["debian-tor"], True),
+])
+def test_neighbour_discovery_only_when_something_ipv6_is_let_out(
+        tmp_path: pathlib.Path, upstreams: str, dns: str, exempt: list[str], allowed: bool) -> None:
+    """Otherwise even the kernel's solicitations, which carry a MAC-derived address, stay in."""
+    text = render(config(tmp_path, upstreams=upstreams, dns=dns), "ip6tables", strict=True, exempt_users=exempt)
+    assert ("--icmpv6-type neighbour-solicitation -m hl --hl-eq 255 -j RETURN" in text) is allowed
