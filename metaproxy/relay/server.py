@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import socket
 import time
@@ -31,6 +32,9 @@ log = logging.getLogger("metaproxy.relay")
 ACCEPT_BATCH = 64
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 1.0
+# A burst of at least this many relays at once is worth a give-back (see
+# _give_back) when it has mostly closed; below it the heap barely grew.
+GIVE_BACK_PEAK = 1024
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Server:
         self._next_id = 0
         self._accepting = False
         self._draining = False
+        self._peak = 0  # most relays open at once since the last give-back
         self._backoff = _BACKOFF_FIRST
         self._loop = asyncio.get_running_loop()
         self._drained: asyncio.Event = asyncio.Event()
@@ -179,11 +184,15 @@ class Server:
         relay = Relay(self._loop, client, sock, self.pool,
                       lambda r, reason: self._closed(r, reason, cid, name, dest, started))
         self.relays.add(relay)
+        if len(self.relays) > self._peak:
+            self._peak = len(self.relays)
         relay.start(early)
 
     def _closed(self, relay: Relay, reason: str, cid: int, name: str, dest: Destination,
                 started: float) -> None:
         self.relays.discard(relay)
+        if self._peak >= GIVE_BACK_PEAK and len(self.relays) <= self._peak // 8:
+            self._give_back()
         self.counters.open -= 1
         self.counters.bytes_up += relay.bytes_up
         self.counters.bytes_down += relay.bytes_down
@@ -193,6 +202,19 @@ class Server:
                  extra={"cid": cid, "upstream": name, "dest": dest, "bytes_up": relay.bytes_up,
                         "bytes_down": relay.bytes_down, "duration": duration, "reason": reason})
         self._check_drained()
+
+    def _give_back(self) -> None:
+        """Return the memory of a burst of connections once most have closed.
+
+        Two things keep it after the relays are freed: the set of relays never
+        shrinks its table, and CPython's free lists (tuples, dicts, ...) keep
+        blocks that pin otherwise empty allocator arenas. A fresh set and one
+        full collection, which empties the free lists, let them go. It runs
+        once per burst, after the close in progress.
+        """
+        self._peak = len(self.relays)
+        self.relays = set(self.relays)
+        self._loop.call_soon(gc.collect)
 
     def _check_drained(self) -> None:
         # Only a drain ends this way: accepts paused by _back_off are not a drain.
