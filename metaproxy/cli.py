@@ -9,7 +9,7 @@ import sys
 from metaproxy import __version__
 from metaproxy.config import Config, load, replace_port
 from metaproxy.config.legacy import equivalent_text
-from metaproxy.errors import EX_CONFIG, EX_USAGE, ConfigError, MetaproxyError
+from metaproxy.errors import EX_CONFIG, ConfigError, MetaproxyError
 
 DEFAULT_CONFIG = "/etc/subgraph_metaproxy.conf"
 log = logging.getLogger("metaproxy")
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a firewall ruleset (iptables, ip6tables or nftables) for this config and exit")
     p.add_argument("--strict", action="store_true",
                    help="with --print-rules: reject all other outgoing traffic (Tor enforcement)")
+    p.add_argument("--unload", action="store_true",
+                   help="with --print-rules: print the rules that remove a loaded ruleset (same options)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -48,8 +50,8 @@ def _port(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.strict and not args.print_rules:
-        parser.error("--strict only applies to --print-rules")
+    if (args.strict or args.unload) and not args.print_rules:
+        parser.error("--strict and --unload only apply to --print-rules")
     try:
         config = load(args.config)
     except ConfigError as e:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.test_config:
         return _print_table(config)
     if args.print_rules:
-        return _print_rules(config, args.print_rules, args.strict)
+        return _print_rules(config, args.print_rules, strict=args.strict, unload=args.unload)
 
     from metaproxy import daemon  # the serving side: not needed by -t and --print-rules
     try:
@@ -92,11 +94,12 @@ def _print_table(config: Config) -> int:
     return 0
 
 
-def _print_rules(config: Config, backend: str, strict: bool) -> int:
+def _print_rules(config: Config, backend: str, *, strict: bool, unload: bool) -> int:
+    from metaproxy.firewall import render
     try:
-        from metaproxy.firewall import render
-    except ImportError:
-        print("subgraph_metaproxy: --print-rules is not available in this build", file=sys.stderr)
-        return EX_USAGE
-    sys.stdout.write(render(config, backend, strict=strict))
+        sys.stdout.write(render(config, backend, strict=strict, unload=unload))
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
     return 0

@@ -109,7 +109,7 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
     if problems.items:
         raise ConfigError(problems.items)
     return Config(source=path, daemon=daemon, upstreams=upstreams, routes=routes,
-                  firewall=FirewallSettings(dns=dns))
+                  firewall=FirewallSettings(dns=dns, exempt_users=tuple(obj["firewall"]["exempt_users"])))
 
 
 def _upstream(name: str, s: Any, default_timeout: float, problems: "_Problems") -> Upstream | None:

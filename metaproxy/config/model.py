@@ -133,6 +133,9 @@ class DaemonSettings:
 @dataclass(frozen=True, slots=True)
 class FirewallSettings:
     dns: InetAddress | None = None
+    # Users whose traffic the rules neither divert nor reject: a local Tor
+    # (debian-tor) must reach its guards directly, or it would loop into us.
+    exempt_users: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ __many__ = string(min=1)
 
 [firewall]
 dns = string(default='')
+exempt_users = string_list(default=list())
 """
 
 # What each check expects, in words, for error messages.
@@ -51,4 +52,5 @@ EXPECTED = {
     "password": "at most 255 characters",
     "isolation": "one of connection, destination, user, none",
     "dns": "ip:port or [ipv6]:port, or empty",
+    "exempt_users": "a comma-separated list of user names",
 }

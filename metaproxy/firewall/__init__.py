@@ -71,9 +71,7 @@ def plan_for(config: Config, *, strict: bool, exempt_users: Sequence[str] | None
 def settings_from(config: Config, *, strict: bool, exempt_users: Sequence[str] | None = None) -> Settings:
     """The plain values of the config that the rules depend on."""
     if exempt_users is None:
-        # Read the key only if this config model has it, so that adding it
-        # later needs no change here.
-        exempt_users = tuple(getattr(config.firewall, "exempt_users", ()) or ())
+        exempt_users = config.firewall.exempt_users
     proxies, local = [], []
     for name, upstream in config.upstreams.items():
         address = upstream.address

@@ -387,8 +387,8 @@ def _notes(s: Settings, listeners: dict[int, IPAddress | None]) -> tuple[str, ..
     notes = []
     if s.local_proxies and not s.exempt_users:
         notes.append(f"the upstream(s) {', '.join(s.local_proxies)} run on this machine: if such a proxy "
-                     "makes its own outgoing connections (Tor does), exempt the user it runs as "
-                     "(e.g. debian-tor), or those connections are diverted back into it")
+                     "makes its own outgoing connections (Tor does), exempt the user it runs as in "
+                     "[firewall] exempt_users (e.g. debian-tor), or those connections are diverted back into it")
     for family in (4, 6):
         if listeners[family] is None:
             notes.append(f"the daemon listens on no IPv{family} address: IPv{family} TCP connections "

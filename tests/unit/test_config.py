@@ -146,3 +146,13 @@ def test_password_never_appears_in_repr_or_table(tmp_path: pathlib.Path) -> None
     config = load(write(tmp_path, "[upstreams]\n  [[t]]\n  type = socks5\n  address = 127.0.0.1:9050\n"
                                   "  username = alice\n  password = s3cret-pw\n[routes]\n* = t\n"))
     assert "s3cret-pw" not in repr(config) and "s3cret-pw" not in "\n".join(config.relay_table())
+
+
+def test_firewall_exempt_users_reach_the_rules(tmp_path: pathlib.Path) -> None:
+    from metaproxy.firewall import render
+    config = load(write(tmp_path, "[upstreams]\n  [[t]]\n  type = socks5\n  address = 127.0.0.1:9050\n"
+                                  "[routes]\n* = t\n[firewall]\nexempt_users = debian-tor\n"))
+    assert config.firewall.exempt_users == ("debian-tor",)
+    rules = render(config, "iptables", strict=True)
+    assert "--uid-owner debian-tor" in rules and "exempt_users (e.g. debian-tor)" not in rules
+    assert load(str(ROOT / "etc/subgraph_metaproxy.conf")).firewall.exempt_users == ()
