@@ -100,9 +100,12 @@ class Snapshot:
 
 
 def snapshot(pid: int, log: LogSource) -> Snapshot:
+    # Counters first: a relay closes its sockets before it counts itself closed,
+    # so descriptors read after "0 open" can no longer include its sockets.
+    c = counters(pid, log)
     kinds = fd_kinds(pid)
     return Snapshot(sockets=kinds["socket"], pipes=kinds["pipe"], fds=sum(kinds.values()),
-                    rss_kb=rss_kb(pid), counters=counters(pid, log))
+                    rss_kb=rss_kb(pid), counters=c)
 
 
 def settle(pid: int, log: LogSource, timeout: float = 20) -> Snapshot:
@@ -154,7 +157,10 @@ def wait_all(processes: Sequence[Process], timeout: float) -> None:
 def merge(summaries: Sequence[dict]) -> dict:
     total: dict = {"clients": 0, "completed": 0, "aborted": 0, "failed": 0, "bytes_sent": 0,
                    "bytes_verified": 0, "bytes_lost": 0, "errors": []}
+    kinds: Counter[str] = Counter()
     for s in summaries:
         for key in total:
             total[key] += s[key]
+        kinds.update(s.get("error_kinds", {}))
+    total["error_kinds"] = dict(kinds)
     return total

@@ -60,9 +60,11 @@ class Summary:
     seconds: float = 0.0
     plans: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    error_kinds: dict[str, int] = field(default_factory=dict)  # reset, eof, timeout, refused, other
 
-    def error(self, text: str) -> None:
+    def error(self, text: str, kind: str = "other") -> None:
         self.failed += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
         if len(self.errors) < 20:
             self.errors.append(text)
 
@@ -187,7 +189,12 @@ async def exchange(sock: socket.socket, args: argparse.Namespace, block: Block, 
             summary.aborted += 1
             return None
         got, _ = await receiver
-        await sender
+        if sender.done():
+            await sender
+        else:
+            # EOF before the whole echo: the far end closed. The sender may be
+            # waiting on the window, which would never move again.
+            await _stop(sender)
     finally:
         await _stop(*(t for t in (sender, receiver) if t is not None))
     summary.bytes_sent += size
@@ -210,25 +217,28 @@ async def client(index: int, args: argparse.Namespace, block: Block, rng: random
             await asyncio.sleep(rng.uniform(0, args.ramp))
         sock = await connect(args.host, args.port, args.timeout)
     except (OSError, asyncio.TimeoutError) as e:
-        summary.error(f"client {index} ({plan}): connect: {e!r}")
+        summary.error(f"client {index} ({plan}): connect: {e!r}", "connect")
     finally:
         ready[0] += 1
         if ready[0] >= ready[1]:
             barrier.set()
     if sock is None:
         return
+    kind = "eof"  # an echo cut short: the connection ended early but cleanly
     try:
         async with asyncio.timeout(args.timeout):
             await barrier.wait()
             problem = await exchange(sock, args, block, rng, plan, summary)
     except (OSError, TimeoutError) as e:
         problem = repr(e)
+        kind = ("timeout" if isinstance(e, TimeoutError) else
+                "reset" if isinstance(e, (ConnectionResetError, BrokenPipeError)) else "other")
         summary.bytes_lost += args.size
     finally:
         if sock.fileno() >= 0:
             sock.close()
     if problem:
-        summary.error(f"client {index} ({plan}): {problem}")
+        summary.error(f"client {index} ({plan}): {problem}", kind)
 
 
 def pick(rng: random.Random, args: argparse.Namespace) -> str:
