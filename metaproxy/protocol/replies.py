@@ -67,12 +67,14 @@ SOCKS4_TEXT: dict[int, str] = {
 
 HTTP_TEXT: dict[int, str] = {
     400: "bad request",
+    401: "authentication required (check username and password)",
     403: "forbidden by the proxy's policy",
     404: "not found",
     405: "CONNECT not allowed",
     407: "proxy authentication required (check username and password)",
     500: "proxy internal error",
     502: "bad gateway (the proxy could not reach the destination)",
+    501: "CONNECT not implemented by the proxy",
     503: "service unavailable",
     504: "gateway timeout (the proxy timed out reaching the destination)",
 }
@@ -83,5 +85,6 @@ def describe(kind: str, code: int) -> str:
     table = {"socks5": SOCKS5_TEXT, "socks4": SOCKS4_TEXT, "http": HTTP_TEXT}[kind]
     text = table.get(code, "unknown reply code")
     if kind == "http":
+        text = HTTP_TEXT.get(code) or {4: "client error", 5: "proxy error"}.get(code // 100, "unexpected status")
         return f"{text} (HTTP {code})"
     return f"{text} (0x{code:02x})"

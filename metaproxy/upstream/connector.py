@@ -37,6 +37,11 @@ async def open_upstream(upstream: Upstream, dest_ip: str, dest_port: int,
 
     Raises an UpstreamError subclass whose text never names the destination.
     """
+    if ":" in dest_ip and upstream.type in (UpstreamType.SOCKS4, UpstreamType.SOCKS4A):
+        # SOCKS4 has room for an IPv4 address only; python-socks would try to
+        # resolve the literal, and the daemon never resolves anything.
+        raise UpstreamError(f"upstream {upstream.name} is {upstream.type.value}, which cannot carry an "
+                            "IPv6 destination; route IPv6 ports through a socks5 or http upstream")
     loop = asyncio.get_running_loop()
     try:
         sock = _new_socket(upstream)

@@ -148,3 +148,10 @@ def test_errors_never_name_the_destination() -> None:
         with pytest.raises(UpstreamError) as caught:
             run(run_against(script))
         assert DEST[0] not in str(caught.value) and f":{DEST[1]}" not in str(caught.value)
+
+
+def test_socks4_refuses_ipv6_destinations_without_resolving() -> None:
+    upstream = Upstream(name="s4", type=UpstreamType.SOCKS4A, address=InetAddress("127.0.0.1", 9))
+    with pytest.raises(UpstreamError, match="cannot carry an IPv6 destination") as caught:
+        run(open_upstream(upstream, "2001:db8:2::2", 80, credentials=None))
+    assert "2001:db8" not in str(caught.value)

@@ -96,3 +96,9 @@ def test_isolation_none_sends_no_credentials_and_names_avoid_tor_prefix() -> Non
         creds = Isolator(mode).credentials("198.51.100.2", 80, 0)
         assert creds is not None and not creds[0].startswith(TOR_RESERVED_PREFIX)
         assert len(creds[0]) <= 255 and len(creds[1]) <= 255
+
+
+def test_http_statuses_read_as_text_even_unlisted_ones() -> None:
+    assert describe("http", 401).startswith("authentication required")
+    assert describe("http", 418) == "client error (HTTP 418)"
+    assert describe("http", 599) == "proxy error (HTTP 599)"
