@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from metaproxy.config.model import Config, RedirectMode
+from metaproxy.config.model import Config, RedirectMode, Upstream
 from metaproxy.errors import DestinationUnknown, UpstreamError
 from metaproxy.kernel.original_dst import original_destination
 from metaproxy.kernel.peer_owner import client_uid
@@ -143,7 +143,10 @@ class Server:
         client.setblocking(False)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.counters.open += 1
-        task = self._loop.create_task(self._open(cid, client, peer, dest, upstream.name))
+        # Resolve the upstream and its isolator now: a SIGHUP reload may run before
+        # the task's first step and rename or remove them (open connections keep theirs).
+        isolator = self._isolators[upstream.name]
+        task = self._loop.create_task(self._open(cid, client, peer, dest, upstream, isolator))
         self.handshakes.add(task)
         task.add_done_callback(self._handshake_done)
 
@@ -152,9 +155,8 @@ class Server:
         self._check_drained()
 
     async def _open(self, cid: int, client: socket.socket, peer: tuple[str, int],
-                    dest: Destination, name: str) -> None:
-        upstream = self.config.upstreams[name]
-        isolator = self._isolators[name]
+                    dest: Destination, upstream: Upstream, isolator: Isolator) -> None:
+        name = upstream.name
         uid = None
         if isolator.mode is Isolation.USER and not upstream.username:
             uid = client_uid(client.family, (_norm(peer[0]), peer[1]), (dest.ip, dest.port))

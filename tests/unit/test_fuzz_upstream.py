@@ -60,17 +60,17 @@ ENDINGS = ("echo", "close", "reset", "silent")
 EXAMPLES = int(os.environ.get("METAPROXY_FUZZ_EXAMPLES", "60"))
 
 
-def config_text(fake_port: int) -> str:
+def config_text(fake_port: int, prefix: str = "") -> str:
     out = ["[daemon]", "listen = 127.0.0.1,", "port = 8675", "[upstreams]"]
     kinds = {"socks5": ("socks5", "none"), "socks5auth": ("socks5", "connection"),
              "socks4": ("socks4", "none"), "http": ("http", "none")}
     for name, (kind, isolation) in kinds.items():
         for suffix, timeout in (("", LONG_TIMEOUT), ("_short", SHORT_TIMEOUT)):
-            out += [f"    [[{name}{suffix}]]", f"    type = {kind}", f"    address = 127.0.0.1:{fake_port}",
+            out += [f"    [[{prefix}{name}{suffix}]]", f"    type = {kind}", f"    address = 127.0.0.1:{fake_port}",
                     f"    isolation = {isolation}", f"    connect_timeout = {timeout}"]
     out.append("[routes]")
     for name, port in PORTS.items():
-        out += [f"{port} = {name}", f"{port + SHORT} = {name}_short"]
+        out += [f"{port} = {prefix}{name}", f"{port + SHORT} = {prefix}{name}_short"]
     return "\n".join(out) + "\n"
 
 
@@ -294,6 +294,7 @@ class Harness:
         listener.listen(512)
         listener.setblocking(False)
         self.address = listener.getsockname()
+        self.fake_port = fake_port
         self.server = Server(parse_configobj("<fuzz>", config_text(fake_port)), [listener])
         self.server.start()
 
@@ -607,4 +608,66 @@ def test_no_descriptor_left_for_the_upstream_socket_resets_the_client(harness: H
     assert len(lines) == 1 and "refused" in lines[0], lines
     # An expected condition with a remedy, not an "internal error".
     assert "Too many open files" in lines[0] and "internal error" not in lines[0], lines
+    probe(harness)
+
+
+def test_reload_between_accept_and_handshake_keeps_the_routed_upstream(harness: Harness) -> None:
+    """A SIGHUP reload can run after a connection was accepted and routed and before its
+    handshake task starts: both are callbacks of one pass of the event loop. A reload
+    that renames the upstream must not break that connection (it keeps the upstream it
+    was routed to, as open connections do), nor log an internal error."""
+    probe(harness)
+    original = harness.server.config
+    renamed = parse_configobj("<fuzz>", config_text(harness.fake_port, prefix="new_"))
+    harness.script = Script("socks5", b"\x05\x00\x05\x00\x00\x01" + bytes(6) + b"hi", 1, 0.0, False, "echo")
+    harness.dest_port = PORTS["socks5"]
+    mark = len(harness.records.items)
+
+    async def stop() -> None:
+        harness.server.stop_accepting()
+
+    async def accept_then_reload() -> None:
+        server = harness.server
+        listener = server.listeners[0]
+        for _ in range(200):  # the connection may still be on its way into the backlog
+            try:
+                conn, peer = listener.accept()
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+        else:
+            raise AssertionError("the test's connection never reached the listener")
+        server._serve(conn, peer)  # routed; its handshake task is scheduled, not started
+        server.apply(renamed)      # the reload lands first
+        server.start()
+
+    harness.call(stop())
+    try:
+        with socket.create_connection(harness.address, timeout=5) as sock:
+            harness.call(accept_then_reload())
+            payload = os.urandom(1000)
+            got = b""
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # reset already: the assertion below says why
+            for _ in range(1000):
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+    finally:
+        async def restore() -> None:
+            harness.server.apply(original)
+            if not harness.server._accepting:
+                harness.server.start()
+        harness.call(restore())
+    harness.wait_idle()
+    lines = [t for c, _, t in harness.records.since(mark) if c is not None]
+    assert got == b"hi" + payload, f"the connection broke across the reload: got {len(got)} bytes; {lines}"
+    assert not any("internal error" in t for t in lines), lines
     probe(harness)
