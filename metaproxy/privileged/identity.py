@@ -1,0 +1,103 @@
+"""Becoming the service user, and proving that root cannot come back.
+
+The plan follows OpenSSH's permanently_set_uid() and Tor's switch_id():
+ 1. Resolve the user while /etc/passwd can still be read.
+ 2. Refuse if other threads exist: capabilities and prctl() state belong to a
+    thread, and a second thread would keep root's.
+ 3. Narrow the bounding set while CAP_SETPCAP still works (capabilities.py).
+ 4. Supplementary groups, then the gid, then the uid: once the uid has changed,
+    the groups could no longer be changed.
+ 5. Try to regain root: every attempt must fail with EPERM.
+ 6. Empty the capability sets, set no-new-privs, become non-dumpable, leave
+    the working directory; each read back from the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from collections.abc import Sequence
+
+from metaproxy.errors import PrivilegeError
+from metaproxy.privileged import capabilities
+from metaproxy.privileged.steps import require_status, step
+
+
+def _resolve(user: str) -> pwd.struct_passwd:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(f"privilege step 'resolve service user' failed: no user {user!r} in "
+                             "the passwd database; install the package, which creates it, or name "
+                             "an existing system user") from None
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise PrivilegeError(f"privilege step 'resolve service user' failed: {user!r} has uid "
+                             f"{entry.pw_uid} and gid {entry.pw_gid}; it must not be root or group 0")
+    return entry
+
+
+def _require_single_thread() -> None:
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        raise PrivilegeError(f"privilege step 'check threads' failed: {threads} threads are running; "
+                             "drop privileges before starting any, or they would stay root")
+
+
+def _require_ids(uid: int, gid: int) -> None:
+    if os.getresuid() != (uid,) * 3 or os.getresgid() != (gid,) * 3 or os.getgroups():
+        raise PrivilegeError(f"privilege step 'verify ids' failed: uids {os.getresuid()}, gids "
+                             f"{os.getresgid()}, groups {os.getgroups()}; expected uid {uid}, "
+                             f"gid {gid} and no supplementary groups")
+
+
+def _require_root_unreachable() -> None:
+    for name, attempt, arg in (("setuid(0)", os.setuid, 0), ("seteuid(0)", os.seteuid, 0),
+                               ("setgid(0)", os.setgid, 0), ("setegid(0)", os.setegid, 0),
+                               ("setgroups([0])", os.setgroups, [0])):
+        try:
+            attempt(arg)  # type: ignore[operator]
+        except PermissionError:
+            continue
+        raise PrivilegeError(f"privilege step 'regain root' failed: {name} succeeded after the drop")
+
+
+def _lock_down() -> None:
+    """No-new-privs, non-dumpable, cwd /: the end of both the root and the unprivileged path."""
+    prctl = capabilities.prctl()
+    step("set no-new-privs", prctl.set_no_new_privs, 1)
+    require_status("set no-new-privs", "NoNewPrivs", "1")
+    step("make non-dumpable", prctl.set_dumpable, False)
+    if prctl.get_dumpable():
+        raise PrivilegeError("privilege step 'make non-dumpable' did not take effect")
+    step("chdir /", os.chdir, "/")
+
+
+def drop_privileges(user: str, keep_caps: Sequence[str] = ()) -> None:
+    """Become `user` for good, keeping only `keep_caps` (normally none), or raise PrivilegeError."""
+    entry, keep = _resolve(user), capabilities.parse(keep_caps)
+    uid, gid = entry.pw_uid, entry.pw_gid
+    if os.geteuid() != 0:
+        raise PrivilegeError(f"privilege step 'drop to {user}' failed: the process is not root "
+                             f"(euid {os.geteuid()}); start it as root, or use --unprivileged")
+    _require_single_thread()
+    step("set PR_SET_KEEPCAPS", capabilities.prctl().set_keepcaps, bool(keep))
+    capabilities.narrow_bounding_set(keep)
+    step("setgroups", os.setgroups, [])
+    step("setresgid", os.setresgid, gid, gid, gid)
+    step("setresuid", os.setresuid, uid, uid, uid)
+    _require_ids(uid, gid)
+    _require_root_unreachable()
+    capabilities.limit_sets(keep)
+    capabilities.verify(keep)
+    _lock_down()
+
+
+def restrict_unprivileged() -> None:
+    """For --unprivileged: refuse root, shed any capabilities, set no-new-privs, non-dumpable."""
+    if 0 in os.getresuid():
+        raise PrivilegeError(f"privilege step 'unprivileged start' failed: uids {os.getresuid()}; "
+                             "--unprivileged must not run as root (without it, root drops privileges)")
+    _require_single_thread()
+    capabilities.limit_sets(frozenset())
+    capabilities.verify(frozenset(), bounding=False)
+    _lock_down()

@@ -1,0 +1,130 @@
+"""The seccomp allow-list: the system calls the relay makes, and nothing else.
+
+Read off strace of the daemon relaying in the test lab (CPython 3.11, asyncio,
+splice, journald, sd_notify), grouped by purpose as in chrony's sys_linux.c
+and Tor's sandbox.c. Any other call gets the action: 'kill' (the process dies
+with SIGSYS), 'trap' (SIGSYS to the thread, to debug), 'log' (allowed and
+logged by the kernel), or 'off' (no filter; the caller warns loudly).
+
+A rule is a name, allowed with any arguments, or (name, conditions), allowed
+when every condition (index, mask, value) holds: args[index] & mask == value.
+EQ compares the low 32 bits, all the kernel reads of an int argument.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import termios
+from typing import Any
+
+from metaproxy.errors import PrivilegeError
+from metaproxy.privileged.steps import require_module, require_status
+
+Condition = tuple[int, int, int]
+Rule = str | tuple[str, tuple[Condition, ...]]
+EQ = 0xFFFF_FFFF
+SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST is 80 too
+SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>
+CLONE_THREAD = 0x10000
+SOCK_TYPE_MASK = 0xF  # SOCK_NONBLOCK and SOCK_CLOEXEC are flags above the type
+WRITE_FLAGS = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND, os.O_TMPFILE & ~os.O_DIRECTORY)
+
+
+def _if(name: str, *conditions: Condition) -> Rule:
+    return (name, conditions)
+
+
+def _options(name: str, *pairs: tuple[int, int]) -> tuple[Rule, ...]:
+    return tuple(_if(name, (1, EQ, level), (2, EQ, option)) for level, option in pairs)
+
+
+ALLOWED: tuple[tuple[str, tuple[Rule, ...]], ...] = (
+    # Memory: the allocator, thread stacks, extension modules mapped by a late import.
+    ("memory", ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise")),
+    # Threads of asyncio's default executor: clone() only with CLONE_THREAD, so
+    # never a fork. clone3() hides its flags from the filter: see DENIED_SOFTLY.
+    ("threads", (_if("clone", (0, CLONE_THREAD, CLONE_THREAD)), "futex", "set_robust_list", "rseq",
+                 "gettid", "exit", "exit_group")),
+    # Signals arrive through asyncio's handlers; the daemon sends none (no kill).
+    ("signals", ("rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "restart_syscall")),
+    # Clocks (when the vDSO falls back) and getrandom() for isolation credentials.
+    ("time and randomness", ("clock_gettime", "clock_nanosleep", "getrandom")),
+    # Our own ids, and our own file limit (prlimit64 on pid 0 only).
+    ("identity", ("getpid", "getuid", "geteuid", "getgid", "getegid", _if("prlimit64", (0, EQ, 0)))),
+    # Files, read-only: /proc/net/tcp{,6} for the client's uid, the config on
+    # SIGHUP, late imports. Opening to write is answered EACCES (DENIED_SOFTLY).
+    ("reading files", (_if("openat", (2, sum(WRITE_FLAGS), 0)), "read", "lseek", "newfstatat",
+                       "getdents64", "close")),
+    # Logging and systemd: lines on stderr; journald and sd_notify datagrams.
+    ("logging", ("write", "sendmsg", _if("socket", (0, EQ, socket.AF_UNIX),
+                                         (1, SOCK_TYPE_MASK, socket.SOCK_DGRAM)))),
+    # Non-blocking mode (FIONBIO is CPython's setblocking), isatty() (TCGETS),
+    # and pipe sizes. No other fcntl or ioctl: none of TIOCSTI and its kin.
+    ("descriptors", tuple(_if("fcntl", (1, EQ, cmd)) for cmd in (
+        fcntl.F_GETFL, fcntl.F_SETFL, fcntl.F_GETPIPE_SZ, fcntl.F_SETPIPE_SZ))
+     + tuple(_if("ioctl", (1, EQ, request)) for request in (termios.FIONBIO, termios.TCGETS))),
+    # The event loop, and splice() moving bytes socket -> pipe -> socket in the kernel.
+    ("event loop and relaying", ("epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "pipe2",
+                                 "splice")),
+    # Sockets: TCP over IPv4 and IPv6 to upstreams; AF_UNIX streams for unix:/path
+    # upstreams and asyncio's self-pipe. No UDP (so no DNS lookup can leak), no
+    # raw or packet sockets, no bind() or listen(): the root phase made the listeners.
+    ("sockets", tuple(_if("socket", (0, EQ, family), (1, SOCK_TYPE_MASK, socket.SOCK_STREAM))
+                      for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX))
+     + (_if("socketpair", (0, EQ, socket.AF_UNIX)), "accept4", "connect", "getsockname",
+        "getpeername", "shutdown", "sendto", "recvfrom")),
+    # getsockopt: the original destination (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST),
+    # the outcome of a non-blocking connect (SO_ERROR), and the send buffer
+    # that libsystemd's sd_notify reads before it enlarges it.
+    ("reading socket options", _options(
+        "getsockopt", (socket.SOL_IP, SO_ORIGINAL_DST), (socket.IPPROTO_IPV6, SO_ORIGINAL_DST),
+        (socket.SOL_SOCKET, socket.SO_ERROR), (socket.SOL_SOCKET, socket.SO_SNDBUF))),
+    # setsockopt: TCP_NODELAY (asyncio sets it on TCP transports), SO_LINGER 0
+    # to pass a reset on, and sd_notify's send buffer (FORCE fails unprivileged).
+    ("setting socket options", _options(
+        "setsockopt", (socket.IPPROTO_TCP, socket.TCP_NODELAY), (socket.SOL_SOCKET, socket.SO_LINGER),
+        (socket.SOL_SOCKET, socket.SO_SNDBUF), (socket.SOL_SOCKET, SO_SNDBUFFORCE))),
+)
+
+# Refused with an errno rather than the action, because the caller copes:
+DENIED_SOFTLY: tuple[tuple[int, tuple[Rule, ...]], ...] = (
+    # pthread_create() then falls back to clone(), whose flags the filter sees.
+    (errno.ENOSYS, ("clone3",)),
+    # libsystemd falls back to a file (refused below): a journal record too big
+    # for one datagram is lost, not fatal.
+    (errno.ENOSYS, ("memfd_create",)),
+    # The import system does without a bytecode cache it cannot write.
+    (errno.EACCES, tuple(_if("openat", (2, bit, bit)) for bit in WRITE_FLAGS)),
+)
+
+
+def _add(flt: Any, action: Any, rule: Rule, seccomp: Any) -> None:
+    name, conditions = (rule, ()) if isinstance(rule, str) else rule
+    flt.add_rule(action, name, *(seccomp.Arg(i, seccomp.MASKED_EQ, m, v) for i, m, v in conditions))
+
+
+def load_syscall_filter(action: str) -> None:
+    """Load the allow-list into every thread; 'off' loads nothing. Raises PrivilegeError."""
+    if action not in ("kill", "trap", "log", "off"):
+        raise PrivilegeError(f"unknown seccomp action {action!r}: expected kill, log, trap or off")
+    if action == "off":
+        return
+    seccomp = require_module("seccomp", "python3-seccomp")
+    default = {"kill": seccomp.KILL_PROCESS, "trap": seccomp.TRAP, "log": seccomp.LOG}[action]
+    try:
+        flt = seccomp.SyscallFilter(defaction=default)
+        flt.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.KILL_PROCESS)  # e.g. int 0x80, x32 calls
+        flt.set_attr(seccomp.Attr.CTL_TSYNC, 1)  # all threads, not only the calling one
+        for _purpose, rules in ALLOWED:
+            for rule in rules:
+                _add(flt, seccomp.ALLOW, rule, seccomp)
+        for code, rules in DENIED_SOFTLY:
+            for rule in rules:
+                _add(flt, seccomp.ERRNO(code), rule, seccomp)
+        flt.load()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise PrivilegeError(f"privilege step 'load seccomp filter' failed: {exc}") from exc
+    require_status("load seccomp filter", "Seccomp", "2")
