@@ -1,0 +1,217 @@
+"""load_syscall_filter(), each in a forked child (root only), so a kill takes only the child.
+
+The forbidden calls end the child with SIGSYS in kill mode; the calls the relay
+makes (asyncio, splice, pipes, the original-destination getsockopt, journald and
+sd_notify datagrams, threads) keep working under the same filter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import os
+import resource
+import signal
+import socket
+import struct
+import termios
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from metaproxy.errors import PrivilegeError
+from metaproxy.privileged import load_syscall_filter
+from tests.unit.test_privileged_forking import in_child, proc_status
+
+SO_ORIGINAL_DST = 80
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _with_socket(call: Callable[[socket.socket], object]) -> Callable[[], object]:
+    return lambda: call(socket.socket())
+
+
+FORBIDDEN: dict[str, Callable[[], object]] = {
+    "execve": lambda: os.execv("/bin/true", ["true"]),
+    "fork (clone without CLONE_THREAD)": os.fork,
+    "ptrace": lambda: LIBC.ptrace(0, 0, None, None),  # PTRACE_TRACEME
+    "mount": lambda: LIBC.mount(b"none", b"/mnt", b"tmpfs", 0, None),
+    "socket(AF_PACKET)": lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW),
+    "socket(AF_NETLINK)": lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW),
+    "socket(AF_INET, SOCK_DGRAM): no UDP": lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+    "bind: no new listener": _with_socket(lambda s: s.bind(("127.0.0.1", 0))),
+    "listen: not even on an unbound socket": _with_socket(lambda s: s.listen()),
+    "getsockopt TCP_INFO: not in the list": _with_socket(
+        lambda s: s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)),
+    "ioctl TIOCSTI": lambda: fcntl.ioctl(0, termios.TIOCSTI, b"x"),
+    "setuid": lambda: os.setuid(0),
+    "kill": lambda: os.kill(1, 0),
+    "prctl: the drop cannot be undone": lambda: LIBC.prctl(4, 1, 0, 0, 0),  # PR_SET_DUMPABLE
+}
+
+
+@pytest.mark.parametrize("name", FORBIDDEN)
+def test_forbidden_call_kills_the_process_with_sigsys(name: str) -> None:
+    """In kill mode a call outside the allow-list ends the whole process with SIGSYS,
+    and the call never runs."""
+    call = FORBIDDEN[name]
+    def body() -> str:
+        load_syscall_filter("kill")
+        call()
+        return "survived"
+    outcome = in_child(body)
+    assert outcome.signal == signal.SIGSYS, (name, outcome)
+
+
+def test_a_thread_started_before_the_filter_is_filtered_too() -> None:
+    """The filter is synchronised to every thread (TSYNC), not only the caller's."""
+    def body() -> str:
+        go, seen = threading.Event(), []
+        def worker() -> None:
+            go.wait()
+            seen.append(proc_status("/proc/thread-self/status")["Seccomp"])
+            os.execv("/bin/true", ["true"])
+        thread = threading.Thread(target=worker)
+        thread.start()
+        load_syscall_filter("kill")
+        go.set()
+        thread.join()
+        return "survived"
+    outcome = in_child(body)
+    assert outcome.signal == signal.SIGSYS, outcome
+
+
+def test_writing_opens_fail_with_eacces_and_reading_works() -> None:
+    """Files open read-only (/proc/net/tcp, late imports); opening for writing or creating
+    fails with EACCES rather than killing, since Python's bytecode cache tolerates it."""
+    def body() -> dict[str, str]:
+        load_syscall_filter("kill")
+        results = {"read /proc/net/tcp": str(len(open("/proc/net/tcp", "rb").read()) > 0)}
+        for mode in ("wb", "ab", "r+b", "xb"):
+            try:
+                open("/tmp/metaproxy-filter-test", mode)
+                results[mode] = "opened"
+            except OSError as exc:
+                results[mode] = errno.errorcode[exc.errno or 0]
+        return results
+    outcome = in_child(body)
+    assert outcome.ok, outcome
+    assert outcome.value == {"read /proc/net/tcp": "True", "wb": "EACCES", "ab": "EACCES",
+                             "r+b": "EACCES", "xb": "EACCES"}, outcome
+
+
+def _relay_calls() -> dict[str, Any]:
+    """What the relay does, after load_syscall_filter('kill'); returns what it saw."""
+    seen: dict[str, Any] = {}
+    listeners = {}
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        listeners[family] = socket.socket(family)
+        listeners[family].bind((host, 0))
+        listeners[family].listen()
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind("\0metaproxy-filter-test-%d" % os.getpid())
+    load_syscall_filter("kill")
+    seen["seccomp"] = proc_status()["Seccomp"]
+
+    for family, listener in listeners.items():  # accept, the original destination, splice
+        client = socket.create_connection(listener.getsockname()[:2])
+        server, _ = listener.accept()
+        level = socket.IPPROTO_IPV6 if family == socket.AF_INET6 else socket.SOL_IP
+        try:
+            server.getsockopt(level, SO_ORIGINAL_DST, 28)
+        except OSError as exc:
+            seen[f"SO_ORIGINAL_DST {family.name}"] = errno.errorcode[exc.errno or 0]
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.sendall(b"payload")
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 16)
+        moved = os.splice(server.fileno(), w, 7)
+        os.splice(r, server.fileno(), moved)
+        seen[f"splice {family.name}"] = client.recv(7).decode()
+        server.shutdown(socket.SHUT_WR)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for fd in (r, w):
+            os.close(fd)
+        for s in (server, client):
+            s.close()
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:  # journald, sd_notify
+        s.sendto(b"MESSAGE=hello\n", journal.getsockname())
+    seen["journal"] = journal.recv(100).decode()
+    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()  # unix:/path upstreams
+    socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+
+    async def loop_work() -> str:  # asyncio streams, a thread, timers
+        # Not asyncio.start_server(sock=...): it calls listen() again, which the filter forbids.
+        loop, listener = asyncio.get_running_loop(), listeners[socket.AF_INET]
+        listener.setblocking(False)
+        reader, writer = await asyncio.open_connection(*listener.getsockname())
+        server, _ = await loop.sock_accept(listener)
+        writer.write(b"ping\n")
+        await loop.sock_sendall(server, await loop.sock_recv(server, 5))
+        line = await reader.readline()
+        writer.close()
+        server.close()
+        await asyncio.sleep(0.01)
+        return line.decode().strip() + " " + str(await asyncio.to_thread(lambda: 42))
+    seen["asyncio"] = asyncio.run(loop_work())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    seen["random"] = len(os.urandom(16))
+    return seen
+
+
+def test_the_calls_the_relay_makes_still_work_under_the_filter() -> None:
+    """Under kill mode: accept, SO_ORIGINAL_DST answered ENOENT for an unredirected
+    connection (not killed), splice through a pipe, journald-style datagrams, AF_UNIX
+    and AF_INET6 sockets, asyncio with a worker thread, setrlimit and getrandom."""
+    outcome = in_child(_relay_calls)
+    assert outcome.ok, outcome
+    assert outcome.value == {
+        "seccomp": "2",
+        "SO_ORIGINAL_DST AF_INET": "ENOENT", "splice AF_INET": "payload",
+        "SO_ORIGINAL_DST AF_INET6": "ENOENT", "splice AF_INET6": "payload",
+        "journal": "MESSAGE=hello\n", "asyncio": "ping 42", "random": 16}, outcome
+
+
+def test_trap_mode_signals_the_thread_and_lets_a_handler_run() -> None:
+    """In trap mode a forbidden call raises SIGSYS, which a handler can catch to debug;
+    the process survives."""
+    def body() -> int:
+        caught: list[int] = []
+        signal.signal(signal.SIGSYS, lambda signum, frame: caught.append(signum))
+        load_syscall_filter("trap")
+        os.getppid()  # not in the list
+        return len(caught)
+    outcome = in_child(body)
+    assert outcome.ok and outcome.value == 1, outcome
+
+
+def test_log_mode_lets_a_forbidden_call_through() -> None:
+    """In log mode the filter is loaded, and a forbidden call runs (the kernel logs it)."""
+    parent = os.getpid()
+    def body() -> list[Any]:
+        load_syscall_filter("log")
+        return [proc_status()["Seccomp"], os.getppid() == parent]
+    outcome = in_child(body)
+    assert outcome.ok and outcome.value == ["2", True], outcome
+
+
+def test_off_loads_no_filter() -> None:
+    """'off' must be asked for by name, and then loads nothing (the daemon warns)."""
+    def body() -> str:
+        load_syscall_filter("off")
+        return proc_status()["Seccomp"]
+    outcome = in_child(body)
+    assert outcome.ok and outcome.value == "0", outcome
+
+
+@pytest.mark.parametrize("action", ["", "KILL", "allow", "errno"])
+def test_unknown_action_is_refused(action: str) -> None:
+    """Anything but kill, log, trap or off raises instead of picking a default."""
+    with pytest.raises(PrivilegeError, match="expected kill, log, trap or off"):
+        load_syscall_filter(action)
