@@ -1,10 +1,12 @@
 """Start metaproxy for the bench with a chosen event loop.
 
-    launch_project.py --loop default|uvloop -c FILE
+    launch_project.py [--loop default|uvloop] [--experiment lean-socks5] -c FILE
 
 ``--loop uvloop`` installs uvloop's policy before the daemon starts; the
-daemon's ``asyncio.new_event_loop()`` then builds a uvloop loop. Everything
-else is the real ``metaproxy.cli.main``.
+daemon's ``asyncio.new_event_loop()`` then builds a uvloop loop.
+``--experiment lean-socks5`` swaps python-socks for bench/experiments/
+lean_socks5.py on SOCKS5 upstreams, to measure what python-socks costs.
+Everything else is the real ``metaproxy.cli.main``.
 
 While the tree has no ``metaproxy.privileged`` yet, a stand-in binds the
 listeners and skips the drop and the seccomp filter; run.py prints that this
@@ -18,6 +20,7 @@ import socket
 import sys
 import types
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Sequence
 
 
@@ -48,9 +51,19 @@ def _stand_in_privileged() -> None:
 
 
 def main(argv: list[str]) -> int:
-    loop = "default"
-    if argv[:1] == ["--loop"]:
-        loop, argv = argv[1], argv[2:]
+    loop, experiment = "default", ""
+    while argv[:1] in (["--loop"], ["--experiment"]):
+        if argv[0] == "--loop":
+            loop = argv[1]
+        else:
+            experiment = argv[1]
+        argv = argv[2:]
+    if experiment == "lean-socks5":
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "experiments"))
+        import lean_socks5
+        lean_socks5.install()
+    elif experiment:
+        raise SystemExit(f"launch_project.py: unknown experiment {experiment!r}")
     if loop == "uvloop":
         import uvloop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

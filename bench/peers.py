@@ -128,9 +128,10 @@ redsocks {{
     return process
 
 
-def project_config(net: Net) -> Path:
+def project_config(net: Net, seccomp: str = "kill") -> Path:
     return net.file("metaproxy.conf", f"""\
 [daemon]
+seccomp = {seccomp}
 listen = 127.0.0.1,
 port = {PROXY_PORTS['project']}
 user = nobody
@@ -146,7 +147,7 @@ idle_timeout = 900
 """)
 
 
-def project_argv(conf: Path, loop: str) -> tuple[list[str], str]:
+def project_argv(conf: Path, loop: str, experiment: str = "") -> tuple[list[str], str]:
     """How to start metaproxy, and a note on anything that differs from production.
 
     The plain ``python3 -m metaproxy -c FILE`` whenever the tree can run it;
@@ -154,18 +155,22 @@ def project_argv(conf: Path, loop: str) -> tuple[list[str], str]:
     for a privileged phase the tree does not have yet.
     """
     has_privileged = (REPO / "metaproxy" / "privileged" / "__init__.py").exists()
-    if has_privileged and loop == "default":
+    if has_privileged and loop == "default" and not experiment:
         return [PYTHON, "-m", "metaproxy", "-c", str(conf)], ""
-    note = f"loop={loop}"
+    note = f"loop={loop}" + (f"; experiment={experiment}" if experiment else "")
     if not has_privileged:
         note += "; metaproxy.privileged is missing: bench stand-in (no drop, no seccomp)"
-    return [PYTHON, str(HERE / "launch_project.py"), "--loop", loop, "-c", str(conf)], note
+    extra = ["--experiment", experiment] if experiment else []
+    return [PYTHON, str(HERE / "launch_project.py"), "--loop", loop, *extra, "-c", str(conf)], note
 
 
-def start_project(net: Net, loop: str = "default", extra_env: dict[str, str] | None = None) -> tuple[Spawned, str]:
-    conf = project_config(net)
-    argv, note = project_argv(conf, loop)
+def start_project(net: Net, loop: str = "default", extra_env: dict[str, str] | None = None,
+                  seccomp: str = "kill", experiment: str = "") -> tuple[Spawned, str]:
+    conf = project_config(net, seccomp)
+    argv, note = project_argv(conf, loop, experiment)
     env = clean_env(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", **(extra_env or {}))
+    if seccomp != "kill":
+        note = "; ".join(filter(None, [note, f"seccomp={seccomp}"]))
     if extra_env:
         note = "; ".join(filter(None, [note, " ".join(f"{k}={v}" for k, v in extra_env.items())]))
     process = net.spawn(net.client, "metaproxy", argv, env=env, cwd=str(REPO))

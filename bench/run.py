@@ -341,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-n", type=int, help="idle connections (default 9000, smoke 300)")
     p.add_argument("--loop", choices=("default", "uvloop"), default="default",
                    help="metaproxy's event loop (uvloop through bench/launch_project.py)")
+    p.add_argument("--experiment", choices=("lean-socks5",), default="",
+                   help="measure a prototype (bench/experiments) instead of the real code path")
+    p.add_argument("--seccomp", choices=("kill", "log", "off"), default="kill",
+                   help="metaproxy's seccomp action (log: find what a variant such as uvloop needs)")
     p.add_argument("--project-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for metaproxy (experiments, e.g. PYTHONMALLOC=malloc)")
     p.add_argument("--only", default="bulk,conn,idle", help="comma-separated subset of bulk,conn,idle")
@@ -352,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**{**plan.__dict__, "reps": a.reps or plan.reps, "idle_n": a.idle_n or plan.idle_n})
     phases = [x for x in a.only.split(",") if x]
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     preflight()
     signal.signal(signal.SIGALRM, _timeout)
     signal.alarm(plan.alarm)
@@ -366,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         notes: list[str] = []
 
         def project() -> Spawned:
-            process, note = peers.start_project(net, a.loop, dict(kv.split("=", 1) for kv in a.project_env))
+            process, note = peers.start_project(net, a.loop, dict(kv.split("=", 1) for kv in a.project_env),
+                                                 a.seccomp, a.experiment)
             if note and not notes:
                 notes.append(note)
                 results.notes.append(f"metaproxy: {note}")
@@ -386,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         print(f"BENCH_INFO seconds={time.monotonic() - started:.0f} python={sys.version.split()[0]} "
               f"kernel={os.uname().release} cpus={os.cpu_count()} loop={a.loop} "
-              f"reps={plan.reps} idle_n={plan.idle_n}")
+              f"reps={plan.reps} idle_n={plan.idle_n} "
+              f"loadavg_before={load_before:.1f} loadavg_after={os.getloadavg()[0]:.1f}")
+        if max(load_before, os.getloadavg()[0]) > (os.cpu_count() or 1):
+            print("BENCH_NOTE the machine was busy with other work (load average above the CPU count): "
+                  "throughput and latency ratios are unreliable; CPU and memory figures much less so")
         if a.json:
             Path(a.json).write_text(json.dumps({"values": results.values, "notes": results.notes}, indent=1))
         return 0
