@@ -264,6 +264,8 @@ def test_the_man_page_rule_examples_load(box: Container) -> None:
     iptables = man_examples(page, "iptables ")
     nft = man_examples(page, "table inet ")
     assert len(iptables) == 1 and len(nft) == 1, "expected one iptables and one nftables example"
+    # The examples exempt a local Tor's user, as Debian's tor package creates it.
+    box.run(["sh", "-c", "getent passwd debian-tor || useradd --system --no-create-home debian-tor"])
     box.run(["unshare", "--net", "sh", "-ec", iptables[0]])
     box.write("/root/example.nft", nft[0])
     box.run(["unshare", "--net", "nft", "-f", "/root/example.nft"])
@@ -358,6 +360,32 @@ def test_watchdog_pings_keep_arriving_under_the_seccomp_filter(box: Container) -
     finally:
         box.run(["rm", "-rf", dropin])
         box.run(["systemctl", "daemon-reload"])
+
+
+def test_tproxy_mode_starts_with_the_documented_capability_drop_in(box: Container) -> None:
+    """mode = tproxy fails (71) under the stock bounding set, and runs with conf(5)'s drop-in."""
+    page = (ROOT / "man/subgraph_metaproxy.conf.5").read_text(encoding="utf-8")
+    blocks = re.findall(r"^\.Bd -literal[^\n]*\n(\[Service\]\nCapabilityBoundingSet=.*?)^\.Ed$", page, re.M | re.S)
+    assert len(blocks) == 1, "subgraph_metaproxy.conf(5) should show the TPROXY bounding-set drop-in once"
+    dropin = "/run/systemd/system/metaproxy.service.d"
+    box.write("/etc/subgraph_metaproxy.conf", config_text("second").replace("[daemon]\n", "[daemon]\nmode = tproxy\n"))
+    try:
+        assert box.run(["systemctl", "restart", "metaproxy"], check=False, timeout=60).returncode != 0
+        assert service(box, "ExecMainStatus")["ExecMainStatus"] == "71"
+        box.run(["mkdir", "-p", dropin])
+        box.write(f"{dropin}/tproxy.conf", blocks[0])
+        box.run(["systemctl", "daemon-reload"])
+        box.run(["systemctl", "reset-failed", "metaproxy"], check=False)
+        box.run(["systemctl", "restart", "metaproxy"], timeout=60)
+        pid = service(box, "MainPID")["MainPID"]
+        status = box.run(["cat", f"/proc/{pid}/status"]).stdout
+        assert re.search(r"^CapBnd:\s+0+$", status, re.M), "the daemon kept a capability in tproxy mode"
+    finally:
+        box.run(["rm", "-rf", dropin])
+        box.run(["systemctl", "daemon-reload"])
+        box.write("/etc/subgraph_metaproxy.conf", config_text("second"))
+        box.run(["systemctl", "reset-failed", "metaproxy"], check=False)
+        box.run(["systemctl", "restart", "metaproxy"], timeout=60)
 
 
 def test_stop_drains_and_exits_0(box: Container) -> None:

@@ -146,7 +146,7 @@ def _default_words(value: Any) -> str | None:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, list):
-        return ", ".join(value)
+        return ", ".join(value) if value else "empty"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     if value == "":
