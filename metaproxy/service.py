@@ -19,6 +19,10 @@ import os
 import time
 from typing import Callable
 
+# Imported with this module, before the seccomp filter: a late import would
+# have to open and stat files under it.
+from systemd import daemon as sd
+
 from metaproxy.relay.server import Server
 
 log = logging.getLogger("metaproxy")
@@ -33,7 +37,6 @@ class Supervisor:
         self._timers: list[asyncio.TimerHandle] = []  # the pending tick of each periodic job
         self._notify: Callable[[str], object] | None = None
         if os.environ.get("NOTIFY_SOCKET"):
-            from systemd import daemon as sd
             self._notify = sd.notify
         self._notify_failed = False
         self._watchdog = _watchdog_interval()
