@@ -27,7 +27,7 @@ REMEDIES = {
     errno.EADDRINUSE: "another process listens there (see `ss -ltnp`): stop it or choose another port",
     errno.EADDRNOTAVAIL: "no interface has this address: add it, or remove it from the listen addresses",
     errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
-    errno.EPERM: "IP_TRANSPARENT needs CAP_NET_ADMIN: start the daemon as root for tproxy mode",
+    errno.EPERM: "IP_TRANSPARENT needs CAP_NET_ADMIN: start the daemon as root, and under systemd add CAP_NET_ADMIN to the unit's CapabilityBoundingSet (see subgraph_metaproxy(8), FIREWALL)",
     errno.EAFNOSUPPORT: "this kernel lacks the address family: remove the address",
 }
 
