@@ -402,7 +402,10 @@ def check(h: Harness, script: Script, payload: bytes) -> None:
     assert not stray, f"log lines without a connection id: {stray}"
     end = script.end
     where = f"{script!r}\noutcome {outcome!r}\nlog {lines!r}"
-    if end is None:
+    # A reset right after a valid reply may overtake it: TCP lets an RST discard
+    # data not yet read, so the daemon may see the handshake die. Either way is right.
+    overtaken = script.ending == "reset" and len(lines) == 1 and " refused: " in lines[0][1]
+    if end is None or overtaken:
         assert outcome.data == b"", "a broken reply let bytes through to the client: " + where
         assert outcome.reset or outcome.eof, "the client was left hanging: " + where
         assert len(lines) == 1, "expected exactly one log line for a refused connection: " + where
