@@ -82,9 +82,8 @@ HTTP_TEXT: dict[int, str] = {
 
 def describe(kind: str, code: int) -> str:
     """``kind`` is 'socks5', 'socks4' or 'http'. Unknown codes still read well."""
-    table = {"socks5": SOCKS5_TEXT, "socks4": SOCKS4_TEXT, "http": HTTP_TEXT}[kind]
-    text = table.get(code, "unknown reply code")
     if kind == "http":
-        text = HTTP_TEXT.get(code) or {4: "client error", 5: "proxy error"}.get(code // 100, "unexpected status")
-        return f"{text} (HTTP {code})"
-    return f"{text} (0x{code:02x})"
+        fallback = {4: "client error", 5: "proxy error"}.get(code // 100, "unexpected status")
+        return f"{HTTP_TEXT.get(code, fallback)} (HTTP {code})"
+    table = SOCKS5_TEXT if kind == "socks5" else SOCKS4_TEXT
+    return f"{table.get(code, 'unknown reply code')} (0x{code:02x})"
