@@ -24,7 +24,7 @@ from metaproxy.config.model import Isolation
 from metaproxy.privacy import Destination
 from metaproxy.protocol.isolation import Isolator
 from metaproxy.relay.pipes import PipePool
-from metaproxy.relay.pump import Relay, reset
+from metaproxy.relay.pump import Poller, Relay, reset
 from metaproxy.upstream.connector import open_upstream
 
 log = logging.getLogger("metaproxy.relay")
@@ -64,6 +64,7 @@ class Server:
         self._peak = 0  # most relays open at once since the last give-back
         self._backoff = _BACKOFF_FIRST
         self._loop = asyncio.get_running_loop()
+        self.poller = Poller(self._loop)
         self._drained: asyncio.Event = asyncio.Event()
         self.apply(config)
 
@@ -183,7 +184,7 @@ class Server:
             return
         log.info("cid=%d open via %s to %s", cid, name, dest,
                  extra={"cid": cid, "upstream": name, "dest": dest})
-        relay = Relay(self._loop, client, sock, self.pool,
+        relay = Relay(self.poller, client, sock, self.pool,
                       lambda r, reason: self._closed(r, reason, cid, name, dest, started))
         self.relays.add(relay)
         if len(self.relays) > self._peak:
