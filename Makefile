@@ -46,7 +46,7 @@ bench-smoke: deps
 
 # Ten minutes of mixed traffic; fails if memory or descriptors trend up.
 soak: deps
-	env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m tests.soak.run
+	env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m tests.soak.run $(if $(MINUTES),--minutes $(MINUTES))
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache

@@ -71,7 +71,12 @@ class Server:
     def apply(self, config: Config) -> None:
         """Take new routes and upstreams; open connections keep theirs."""
         self.config = config
-        self._isolators = {name: Isolator(u.isolation) for name, u in config.upstreams.items()}
+        # An upstream that keeps its name and mode keeps its isolator (and its
+        # secret), so a reload does not move every destination or user to new
+        # Tor circuits.
+        old = getattr(self, "_isolators", {})
+        self._isolators = {name: old[name] if name in old and old[name].mode is u.isolation
+                           else Isolator(u.isolation) for name, u in config.upstreams.items()}
 
     # -- accepting ---------------------------------------------------------
 

@@ -107,3 +107,29 @@ def test_relays_closing_while_accepts_are_paused_do_not_end_accepting(
         return server._accepting, server._drained.is_set()
     accepting, drained = run(body)
     assert accepting and not drained
+
+
+def test_reload_keeps_isolation_secrets_of_unchanged_upstreams(tmp_path: Path) -> None:
+    """A SIGHUP must not move every destination to new Tor circuits: an upstream that
+    keeps its name and isolation mode keeps its credentials; a changed mode gets new ones."""
+    import dataclasses
+
+    from metaproxy.config.model import Isolation
+
+    async def body() -> None:
+        server = make_server(tmp_path)
+        try:
+            config = server.config
+            tor = dataclasses.replace(config.upstreams["tor"], isolation=Isolation.DESTINATION)
+            server.apply(dataclasses.replace(config, upstreams={"tor": tor}))
+            before = server._isolators["tor"].credentials("198.51.100.2", 80, None)
+            server.apply(dataclasses.replace(config, upstreams={"tor": tor}))
+            assert server._isolators["tor"].credentials("198.51.100.2", 80, None) == before
+            server.apply(dataclasses.replace(config, upstreams={"tor": dataclasses.replace(
+                tor, isolation=Isolation.USER)}))
+            assert server._isolators["tor"].mode is Isolation.USER
+        finally:
+            for sock in server.listeners:
+                sock.close()
+            server.poller.close()
+    run(body)
