@@ -42,16 +42,17 @@ def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str) -> 
                     "with this configobj text:\n%s", config.source, equivalent_text(config))
     _raise_nofile_limit()
 
-    # Root phase: the only part that runs with privileges.
     d = config.daemon
+    if not unprivileged and os.geteuid() != 0:
+        raise PrivilegeError("refusing to start: the daemon must start as root to bind and then drop "
+                             f"to the user {d.user!r}; for development run it with --unprivileged")
+
+    # Root phase: the only part that runs with privileges.
     listeners = privileged.bind_listeners(d.listen, d.port, transparent=d.mode is RedirectMode.TPROXY)
     if unprivileged:
         privileged.restrict_unprivileged()
-    elif os.geteuid() == 0:
-        privileged.drop_privileges(d.user)
     else:
-        raise PrivilegeError("refusing to start: the daemon must start as root to bind and then drop "
-                             f"to the user {d.user!r}; for development run it with --unprivileged")
+        privileged.drop_privileges(d.user)
 
     log.info("subgraph_metaproxy listening on %s port %d (%s mode) as uid %d",
              ", ".join(d.listen), d.port, d.mode.value, os.getuid())

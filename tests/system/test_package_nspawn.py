@@ -388,6 +388,22 @@ def test_tproxy_mode_starts_with_the_documented_capability_drop_in(box: Containe
         box.run(["systemctl", "restart", "metaproxy"], timeout=60)
 
 
+def test_sigkill_is_survived_through_restart_on_failure(box: Container) -> None:
+    """SIGKILL (issue 7): Restart=on-failure brings a new daemon that relays again."""
+    before = service(box, "MainPID", "NRestarts")
+    box.run(["systemctl", "kill", "--signal=KILL", "metaproxy"])
+    deadline = time.monotonic() + 20  # RestartSec=2s, plus ExecStartPre's config test
+    now = before
+    while time.monotonic() < deadline:
+        now = service(box, "MainPID", "NRestarts", "ActiveState")
+        if now["ActiveState"] == "active" and now["MainPID"] not in ("0", before["MainPID"]):
+            break
+        time.sleep(0.2)
+    assert now.get("ActiveState") == "active" and now["MainPID"] not in ("0", before["MainPID"]), now
+    assert int(now["NRestarts"]) == int(before["NRestarts"]) + 1, now
+    assert fetch(box).strip() == TOKEN
+
+
 def test_stop_drains_and_exits_0(box: Container) -> None:
     """systemctl stop (SIGTERM): the daemon logs that it stopped and exits with status 0."""
     before = len(journal(box, "metaproxy"))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.system.daemon import SECCOMP, Daemon
+from tests.system.daemon import NOBODY, SECCOMP, Daemon, metaproxy_argv
+from tests.system.lab import REPO, clean_env, run
+from tests.system.peers import World
 
 
 def _status(daemon: Daemon) -> dict[str, str]:
@@ -36,3 +38,16 @@ def test_no_root_process_stays_behind(relay: Daemon) -> None:
         assert uids and uids[0].split()[1:] == ["65534"] * 4, f"task {task.name}: {uids}"
     children = Path(f"/proc/{relay.process.pid}/task/{relay.process.pid}/children").read_text().split()
     assert children == [], f"unexpected child processes {children}"
+
+
+def test_non_root_start_without_unprivileged_is_refused(world: World) -> None:
+    """Started by another user without --unprivileged, the daemon says why, names the
+    way out, and exits 77 (EX_NOPERM) without serving."""
+    config = world.lab.file("non-root.conf", "[daemon]\nlisten = 127.0.0.1\nport = 8799\n[upstreams]\n"
+                            "[[t]]\ntype = socks5\naddress = 127.0.0.1:9\n[routes]\n* = t\n")
+    proc = run(NOBODY + metaproxy_argv(["-c", str(config), "--log-target", "stderr"]), check=False,
+               cwd=REPO, env=clean_env(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1"))
+    err = proc.stderr.decode()
+    assert proc.returncode == 77, (proc.returncode, err)
+    assert "must start as root" in err and "--unprivileged" in err, err
+    assert "listening" not in err
