@@ -97,11 +97,13 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def output(self) -> str:
+    def output(self, tail: int | None = None) -> str:
+        """The log; only its last `tail` characters if given."""
         try:
-            return self.log.read_text(errors="replace")
+            text = self.log.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+        return text[-tail:] if tail else text
 
     def stop(self, grace: float = 3.0) -> int | None:
         """SIGTERM its process group (its own, by PID), then SIGKILL after grace."""
@@ -210,6 +212,7 @@ class Namespace:
 class Lab:
     """The client / gateway / web namespaces, their veths, and the processes started in them."""
     prefix: str = field(default_factory=lambda: f"mp{os.getpid()}")
+    keep_tmp: bool = False  # close() leaves the temporary directory (logs, configs)
     tmp: Path = field(init=False)
     processes: list[Process] = field(default_factory=list, init=False)
     _namespaces: list[str] = field(default_factory=list, init=False)
@@ -316,16 +319,19 @@ table inet {NFT_TABLE} {{
 
     def spawn(self, ns: Namespace | None, name: str, argv: Sequence[str], *,
               env: dict[str, str] | None = None, cwd: str | Path | None = None,
-              log: Path | None = None) -> Process:
+              log: Path | None = None, stdin: int | None = subprocess.DEVNULL,
+              stdout: int | None = None) -> Process:
         """Start argv (in ns) in its own process group; record it for teardown.
 
         ``ip netns exec`` execs the command, so the PID we record is the
-        program's own PID.
+        program's own PID. stdout goes to the log unless given (e.g.
+        subprocess.PIPE); stderr always does.
         """
         log = log or self.tmp / f"{name}.log"
         full = ns.argv(argv) if ns is not None else list(argv)
         with open(log, "ab") as out:
-            popen = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            popen = subprocess.Popen(full, stdin=stdin, stdout=out if stdout is None else stdout,
+                                     stderr=subprocess.STDOUT if stdout is None else out,
                                      env=env if env is not None else clean_env(), cwd=cwd,
                                      start_new_session=True)
         process = Process(name, popen, log)
@@ -366,7 +372,8 @@ table inet {NFT_TABLE} {{
             except Exception as e:
                 errors.append(f"ip netns del {name}: {e}")
         self._namespaces.clear()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self.keep_tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         if errors:
             # Teardown must finish; leave a trace for the person reading the run.
             print("lab teardown problems:\n  " + "\n  ".join(errors))

@@ -71,14 +71,16 @@ class Web:
 
 # ---- gateway --------------------------------------------------------------------------
 
-def _dante_conf(lab: Lab, port: int, method: str, log: Path, extra: str = "") -> str:
+def dante_conf(lab: Lab, port: int, method: str, log: Path, extra: str = "", *,
+               internal: Iterable[str] = (GATEWAY4, GATEWAY6),
+               external: Iterable[str] = (GATEWAY_OUT4, GATEWAY_OUT6),
+               socks_log: str = "connect disconnect error") -> str:
+    """A danted.conf for CONNECT from anywhere; the bench narrows addresses and logging."""
+    internals = "".join(f"internal: {a} port = {port}\n" for a in internal)
+    externals = "".join(f"external: {a}\n" for a in external)
     return f"""\
 logoutput: {log}
-internal: {GATEWAY4} port = {port}
-internal: {GATEWAY6} port = {port}
-external: {GATEWAY_OUT4}
-external: {GATEWAY_OUT6}
-clientmethod: none
+{internals}{externals}clientmethod: none
 socksmethod: {method}
 user.privileged: root
 user.unprivileged: nobody
@@ -89,7 +91,7 @@ client pass {{
 socks pass {{
     from: 0/0 to: 0/0
     command: connect
-    log: connect disconnect error
+    log: {socks_log}
     {extra}
 }}
 """
@@ -97,7 +99,7 @@ socks pass {{
 
 def start_dante(lab: Lab) -> Process:
     log = lab.tmp / "dante.log"
-    conf = lab.file("dante.conf", _dante_conf(lab, DANTE_PORT, "none", log))
+    conf = lab.file("dante.conf", dante_conf(lab, DANTE_PORT, "none", log))
     process = lab.gateway.spawn("dante", ["danted", "-f", str(conf), "-p", str(lab.tmp / "dante.pid")])
     _wait_both(lab.gateway, DANTE_PORT, process)
     return process
@@ -118,7 +120,7 @@ def start_dante_auth(lab: Lab) -> Process:
     pamd.chmod(0o755)
     log = lab.tmp / "dante-auth.log"
     conf = lab.file("dante-auth.conf",
-                    _dante_conf(lab, DANTE_AUTH_PORT, "pam.username none", log, f"pam.servicename: {service}"))
+                    dante_conf(lab, DANTE_AUTH_PORT, "pam.username none", log, f"pam.servicename: {service}"))
     argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
             'mount --bind "$0" /etc/pam.d && exec "$@"', str(pamd),
             "danted", "-f", str(conf), "-p", str(lab.tmp / "dante-auth.pid")]
