@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from netlab import GATEWAY, GATEWAY_OUT, PROXY_PORTS, PYTHON, Net, Spawned, clean_env
+from netlab import GATEWAY, GATEWAY_OUT, PROXY_PORTS, PYTHON, Net, Process, clean_env
+from tests.system.peers import dante_conf
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -22,7 +23,7 @@ HTTP_PORT, IPERF_PORT, ECHO_PORT, DANTE_PORT = 80, 5201, 7, 1080
 MAX_CONNECTIONS = 12000
 
 
-def start_nginx(net: Net) -> Spawned:
+def start_nginx(net: Net) -> Process:
     www = net.tmp / "www"
     www.mkdir(mode=0o755)
     small = www / "small"
@@ -55,49 +56,33 @@ http {{
     }}
 }}
 """)
-    process = net.spawn(net.web, "nginx", ["nginx", "-c", str(conf), "-p", str(run_dir),
-                                           "-e", f"{run_dir}/error.log"])
+    process = net.web.spawn("nginx", ["nginx", "-c", str(conf), "-p", str(run_dir), "-e", f"{run_dir}/error.log"])
     net.wait_listening(net.web, HTTP_PORT, process)
     return process
 
 
-def start_iperf(net: Net) -> Spawned:
-    process = net.spawn(net.web, "iperf3", ["iperf3", "-s", "-p", str(IPERF_PORT)])
+def start_iperf(net: Net) -> Process:
+    process = net.web.spawn("iperf3", ["iperf3", "-s", "-p", str(IPERF_PORT)])
     net.wait_listening(net.web, IPERF_PORT, process)
     return process
 
 
-def start_echo(net: Net) -> Spawned:
-    process = net.spawn(net.web, "echo", [PYTHON, str(HERE / "echo_server.py"), str(ECHO_PORT)])
+def start_echo(net: Net) -> Process:
+    process = net.web.spawn("echo", [PYTHON, str(HERE / "echo_server.py"), str(ECHO_PORT)])
     net.wait_listening(net.web, ECHO_PORT, process)
     return process
 
 
-def start_dante(net: Net) -> Spawned:
-    conf = net.file("dante.conf", f"""\
-logoutput: {net.tmp}/dante.log
-internal: {GATEWAY} port = {DANTE_PORT}
-external: {GATEWAY_OUT}
-clientmethod: none
-socksmethod: none
-user.privileged: root
-user.unprivileged: nobody
-client pass {{
-    from: 0/0 to: 0/0
-    log: error
-}}
-socks pass {{
-    from: 0/0 to: 0/0
-    command: connect
-    log: error
-}}
-""")
-    process = net.spawn(net.gateway, "danted", ["danted", "-f", str(conf), "-p", str(net.tmp / "dante.pid")])
+def start_dante(net: Net) -> Process:
+    # The tests' dante, on IPv4 only and logging only errors (not every connection).
+    conf = net.file("dante.conf", dante_conf(net, DANTE_PORT, "none", net.tmp / "dante.log", internal=(GATEWAY,),
+                                             external=(GATEWAY_OUT,), socks_log="error"))
+    process = net.gateway.spawn("danted", ["danted", "-f", str(conf), "-p", str(net.tmp / "dante.pid")])
     net.wait_listening(net.gateway, DANTE_PORT, process)
     return process
 
 
-def start_redsocks(net: Net) -> Spawned:
+def start_redsocks(net: Net) -> Process:
     # log_info on: like metaproxy at its default level, one line per open and close.
     conf = net.file("redsocks.conf", f"""\
 base {{
@@ -123,7 +108,7 @@ redsocks {{
 }}
 """)
     (net.tmp / "redsocks-conn.log").touch(mode=0o666)
-    process = net.spawn(net.client, "redsocks", ["redsocks", "-c", str(conf)])
+    process = net.client.spawn("redsocks", ["redsocks", "-c", str(conf)])
     net.wait_listening(net.client, PROXY_PORTS["redsocks"], process)
     return process
 
@@ -165,7 +150,7 @@ def project_argv(conf: Path, loop: str, experiment: str = "") -> tuple[list[str]
 
 
 def start_project(net: Net, loop: str = "default", extra_env: dict[str, str] | None = None,
-                  seccomp: str = "kill", experiment: str = "") -> tuple[Spawned, str]:
+                  seccomp: str = "kill", experiment: str = "") -> tuple[Process, str]:
     conf = project_config(net, seccomp)
     argv, note = project_argv(conf, loop, experiment)
     env = clean_env(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", **(extra_env or {}))
@@ -173,7 +158,7 @@ def start_project(net: Net, loop: str = "default", extra_env: dict[str, str] | N
         note = "; ".join(filter(None, [note, f"seccomp={seccomp}"]))
     if extra_env:
         note = "; ".join(filter(None, [note, " ".join(f"{k}={v}" for k, v in extra_env.items())]))
-    process = net.spawn(net.client, "metaproxy", argv, env=env, cwd=str(REPO))
+    process = net.client.spawn("metaproxy", argv, env=env, cwd=str(REPO))
     net.wait_listening(net.client, PROXY_PORTS["project"], process)
     return process, note
 

@@ -44,7 +44,8 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers  # noqa: E402
-from netlab import PATH_IPS, PYTHON, BenchError, Net, Spawned, run  # noqa: E402
+from netlab import PATH_IPS, PYTHON, BenchError, Net, Process, run  # noqa: E402
+from tests.system.lab import LabError  # noqa: E402
 
 PATHS = ("project", "redsocks", "direct")
 PROXIES = ("project", "redsocks")
@@ -126,12 +127,12 @@ def fd_count(pid: int) -> int:
 # ---- the three measurements ----------------------------------------------------
 
 class Bench:
-    def __init__(self, net: Net, plan: Plan, starters: dict[str, Callable[[], Spawned]],
+    def __init__(self, net: Net, plan: Plan, starters: dict[str, Callable[[], Process]],
                  results: Results) -> None:
         self.net, self.plan, self.starters, self.results = net, plan, starters, results
         self.proxies = {path: start() for path, start in starters.items()}
 
-    def restart(self, path: str) -> Spawned:
+    def restart(self, path: str) -> Process:
         """A fresh proxy process, so that memory figures start from a clean heap."""
         self.net.stop(self.proxies[path])
         self.proxies[path] = self.starters[path]()
@@ -140,7 +141,7 @@ class Bench:
     def _alive(self, path: str) -> None:
         p = self.proxies.get(path)
         if p is not None and not p.alive():
-            raise BenchError(f"{path} died:\n{p.output()}")
+            raise BenchError(f"{path} died:\n{p.output(2000)}")
 
     def _cpu(self, path: str) -> float | None:
         p = self.proxies.get(path)
@@ -150,8 +151,8 @@ class Bench:
         ip = PATH_IPS[path]
         t = self.plan.bulk_seconds
         before = self._cpu(path)
-        out = run(self.net.argv(self.net.client, ["iperf3", "-c", ip, "-p", str(peers.IPERF_PORT), "-R",
-                                                   "-t", f"{t:g}", "-J"]), timeout=t + 20, check=False)
+        out = run(self.net.client.argv(["iperf3", "-c", ip, "-p", str(peers.IPERF_PORT), "-R",
+                                        "-t", f"{t:g}", "-J"]), timeout=t + 20, check=False)
         after = self._cpu(path)
         self._alive(path)
         try:
@@ -167,7 +168,7 @@ class Bench:
         ip = PATH_IPS[path]
         d = self.plan.conn_seconds
         before = self._cpu(path)
-        out = run(self.net.argv(self.net.client, [
+        out = run(self.net.client.argv([
             "wrk", "-t1", f"-c{self.plan.conn_concurrency}", f"-d{d:g}s", "--latency", "--timeout", "5s",
             "-H", "Connection: close", f"http://{ip}/small"]), timeout=d + 30, check=False)
         after = self._cpu(path)
@@ -212,12 +213,12 @@ class Bench:
                                   f"for {opened['ok']}")
         self.results.add("idle_rss_after_close_pct", path, (after_kb - base_kb) * 100 / base_kb)
 
-    def _hold(self, path: str, n: int, proxy: Spawned | None = None) -> tuple[dict[str, int], int, int]:
+    def _hold(self, path: str, n: int, proxy: Process | None = None) -> tuple[dict[str, int], int, int]:
         """Open n checked connections, read the proxy's RSS, check all at once, close.
 
         Returns the holder's report, how many answered at once, and VmRSS (kB).
         """
-        holder = self.net.spawn(self.net.client, f"holder-{path}", [
+        holder = self.net.client.spawn(f"holder-{path}", [
             PYTHON, str(peers.HERE / "holder.py"), PATH_IPS[path], str(peers.ECHO_PORT), str(n)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
@@ -247,17 +248,17 @@ def _settle(pid: int, base_fds: int, timeout: float = 15) -> tuple[int, int]:
     return rss_kb(pid), fd_count(pid)
 
 
-def _read_json(p: Spawned, timeout: float) -> dict[str, int]:
+def _read_json(p: Process, timeout: float) -> dict[str, int]:
     assert p.popen.stdout is not None
     ready, _, _ = select.select([p.popen.stdout], [], [], timeout)
     line = p.popen.stdout.readline() if ready else b""
     if not line:
-        raise BenchError(f"{p.name} said nothing within {timeout:g}s:\n{p.output()}")
+        raise BenchError(f"{p.name} said nothing within {timeout:g}s:\n{p.output(2000)}")
     result: dict[str, int] = json.loads(line)
     return result
 
 
-def _command(p: Spawned, command: str, timeout: float) -> dict[str, int]:
+def _command(p: Process, command: str, timeout: float) -> dict[str, int]:
     assert p.popen.stdin is not None
     p.popen.stdin.write(command.encode() + b"\n")
     p.popen.stdin.flush()
@@ -360,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     preflight()
     signal.signal(signal.SIGALRM, _timeout)
     signal.alarm(plan.alarm)
-    net = Net()
+    net = Net(keep_tmp=a.keep)
     results = Results()
     try:
         net.build()
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         peers.start_dante(net)
         notes: list[str] = []
 
-        def project() -> Spawned:
+        def project() -> Process:
             process, note = peers.start_project(net, a.loop, dict(kv.split("=", 1) for kv in a.project_env),
                                                  a.seccomp, a.experiment)
             if note and not notes:
@@ -400,14 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.json:
             Path(a.json).write_text(json.dumps({"values": results.values, "notes": results.notes}, indent=1))
         return 0
-    except BenchError as e:
+    except LabError as e:  # BenchError, or the lab's own run() and process errors
         print(f"bench: FAILED: {e}", file=sys.stderr)
         return 1
     finally:
         signal.alarm(0)
         net.close()
-        if not a.keep:
-            shutil.rmtree(net.tmp, ignore_errors=True)
 
 
 def _timeout(_sig: int, _frame: object) -> None:
