@@ -114,8 +114,10 @@ class Poller:
             del self._masks[fd]
 
     def _dispatch(self) -> None:
-        # A callback may remove (never add) registrations of later events in
-        # this batch: hence the lookups at the time of each call.
+        # A callback may remove or add registrations of later events in this
+        # batch (a relay that closes, or resumes reading): hence the lookups at
+        # the time of each call. A callback woken by HUP/ERR it did not ask
+        # for sees EOF or an error on its own read, as with asyncio.
         readers, writers = self._readers, self._writers
         for fd, events in self._epoll.poll(0, _MAX_EVENTS):
             if events & _READABLE and (callback := readers.get(fd)) is not None:
