@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from metaproxy import daemon  # the serving side: not needed by -t and --print-rules
     try:
-        return daemon.run(config, debug=args.debug, unprivileged=args.unprivileged, log_target=args.log_target)
+        return daemon.run(config, debug=args.debug, unprivileged=args.unprivileged, log_target=args.log_target,
+                          port_override=args.port)
     except MetaproxyError as e:
         if log.handlers:
             log.critical("%s", e)

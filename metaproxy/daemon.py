@@ -19,7 +19,7 @@ import resource
 import signal
 
 from metaproxy import logsetup, privileged
-from metaproxy.config import Config, load
+from metaproxy.config import Config, load, replace_port
 from metaproxy.config.legacy import equivalent_text
 from metaproxy.config.model import RedirectMode, SeccompAction
 from metaproxy.errors import ConfigError, PrivilegeError
@@ -30,7 +30,8 @@ from metaproxy.service import Supervisor
 log = logging.getLogger("metaproxy")
 
 
-def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str) -> int:
+def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str,
+        port_override: int | None = None) -> int:
     shown = debug or config.daemon.log_destinations
     show_destinations(shown)
     logsetup.setup(debug, log_target)
@@ -63,14 +64,14 @@ def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str) -> 
     privileged.load_syscall_filter(d.seccomp.value)
 
     try:
-        return loop.run_until_complete(_serve(config, listeners))
+        return loop.run_until_complete(_serve(config, listeners, port_override))
     finally:
         loop.close()
 
 
-async def _serve(config: Config, listeners: list) -> int:
+async def _serve(config: Config, listeners: list, port_override: int | None) -> int:
     server = Server(config, listeners)
-    supervisor = Supervisor(server, reload=lambda: _reload(server))
+    supervisor = Supervisor(server, reload=lambda: _reload(server, port_override))
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_log_loop_error)
     stop = asyncio.Event()
@@ -88,7 +89,7 @@ async def _serve(config: Config, listeners: list) -> int:
     return 0
 
 
-def _reload(server: Server) -> None:
+def _reload(server: Server, port_override: int | None = None) -> None:
     """SIGHUP: take routes and upstreams from the file; the rest needs a restart."""
     old = server.config
     try:
@@ -96,11 +97,13 @@ def _reload(server: Server) -> None:
     except ConfigError as e:
         log.error("reload of %s failed, keeping the running configuration:\n%s", old.source, e)
         return
+    if port_override:  # -p still wins over the file, as at start
+        new = replace_port(new, port_override)
     restart_only = [f for f in _RESTART_ONLY if getattr(new.daemon, f) != getattr(old.daemon, f)]
     if restart_only:
         log.warning("reload: [daemon] %s changed; that takes a restart (systemctl restart metaproxy), "
                     "the running values stay", ", ".join(restart_only))
-    # Listeners, user and sandbox stay as started (and -p still wins over the file).
+    # Listeners, user and sandbox stay as started.
     daemon = dataclasses.replace(old.daemon, max_connections=new.daemon.max_connections,
                                  idle_timeout=new.daemon.idle_timeout, drain_timeout=new.daemon.drain_timeout,
                                  connect_timeout=new.daemon.connect_timeout)
@@ -116,8 +119,7 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
 
 
 # The listening sockets (listen, port, mode) were bound as root, and the user and
-# the sandbox were set before serving: none of them can change in place. A port
-# given with -p differs from the file's, and is reported as such on a reload.
+# the sandbox were set before serving: none of them can change in place.
 _RESTART_ONLY = ("listen", "port", "mode", "user", "seccomp", "log_destinations")
 
 
