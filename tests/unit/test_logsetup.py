@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 from metaproxy import logsetup
+from tests.unit.forked import require_seccomp, run_forked
 from metaproxy.privacy import SCRUBBED, Destination, show_destinations
 
 DEST = Destination("198.51.100.2", 8443)
@@ -200,31 +201,19 @@ def test_records_after_the_first_need_no_socket_or_file_calls() -> None:
     go out through it with no socket(), open or stat call, which a filter loaded in
     between kills. Runs in a forked child, so a kill does not take the test runner along.
     No journald needs to listen: libsystemd opens the socket either way."""
-    try:
-        import seccomp  # python3-seccomp, a runtime dependency
-    except ImportError:
-        if os.environ.get("METAPROXY_ALLOW_SKIP") == "1":
-            pytest.skip("python3-seccomp is missing [METAPROXY_ALLOW_SKIP=1]")
-        pytest.fail("python3-seccomp is missing (run with /usr/bin/python3); refusing to skip", pytrace=False)
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            handler = logsetup.JournalFieldsHandler()
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger = logging.getLogger("metaproxy.test_logsetup.sandboxed")
-            logger.propagate = False
-            logger.addHandler(handler)
-            logger.info("first record: opens the socket")
-            deny = seccomp.SyscallFilter(seccomp.ALLOW)
-            for call in ("socket", "memfd_create", "open", "openat", "stat", "lstat", "newfstatat", "statx"):
-                deny.add_rule(seccomp.KILL_PROCESS, call)
-            deny.load()  # sets no-new-privs itself (filter_attr CTL_NNP defaults on)
-            close_record(logger)
-            logger.warning("%s", "x" * (logsetup.MAX_MESSAGE * 4))
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert not os.WIFSIGNALED(status), f"killed by signal {os.WTERMSIG(status)} (31 is SIGSYS: a denied call)"
-    assert os.WEXITSTATUS(status) == 0
+    seccomp = require_seccomp()
+
+    def body() -> None:
+        handler = logsetup.JournalFieldsHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("metaproxy.test_logsetup.sandboxed")
+        logger.propagate = False
+        logger.addHandler(handler)
+        logger.info("first record: opens the socket")
+        deny = seccomp.SyscallFilter(seccomp.ALLOW)
+        for call in ("socket", "memfd_create", "open", "openat", "stat", "lstat", "newfstatat", "statx"):
+            deny.add_rule(seccomp.KILL_PROCESS, call)
+        deny.load()  # sets no-new-privs itself (filter_attr CTL_NNP defaults on)
+        close_record(logger)
+        logger.warning("%s", "x" * (logsetup.MAX_MESSAGE * 4))
+    run_forked(body)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from metaproxy import service
+from tests.unit.forked import require_seccomp, run_forked
 from metaproxy.relay.server import Counters
 
 
@@ -181,26 +182,14 @@ def test_notify_needs_only_af_unix_sockets_under_a_filter(notify: socket.socket)
     """libsystemd's sd_notify opens a new socket for every message. Under a filter that
     kills socket() for any family but AF_UNIX, READY/STATUS/STOPPING still go out; the
     daemon's real filter must allow AF_UNIX for this (forked child, as sandbox tests do)."""
-    try:
-        import seccomp  # python3-seccomp, a runtime dependency
-    except ImportError:
-        if os.environ.get("METAPROXY_ALLOW_SKIP") == "1":
-            pytest.skip("python3-seccomp is missing [METAPROXY_ALLOW_SKIP=1]")
-        pytest.fail("python3-seccomp is missing (run with /usr/bin/python3); refusing to skip", pytrace=False)
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            from systemd import daemon as sd  # imported before the filter, as the daemon does
-            only_unix = seccomp.SyscallFilter(seccomp.ALLOW)
-            only_unix.add_rule(seccomp.KILL_PROCESS, "socket", seccomp.Arg(0, seccomp.NE, socket.AF_UNIX))
-            only_unix.load()
-            for message in ("READY=1", "STATUS=x", "STOPPING=1"):
-                sd.notify(message)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert not os.WIFSIGNALED(status), f"killed by signal {os.WTERMSIG(status)}"
-    assert os.WEXITSTATUS(status) == 0
+    seccomp = require_seccomp()
+
+    def body() -> None:
+        from systemd import daemon as sd  # imported before the filter, as the daemon does
+        only_unix = seccomp.SyscallFilter(seccomp.ALLOW)
+        only_unix.add_rule(seccomp.KILL_PROCESS, "socket", seccomp.Arg(0, seccomp.NE, socket.AF_UNIX))
+        only_unix.load()
+        for message in ("READY=1", "STATUS=x", "STOPPING=1"):
+            sd.notify(message)
+    run_forked(body)
     assert received(notify) == ["READY=1", "STATUS=x", "STOPPING=1"]
