@@ -1,0 +1,146 @@
+"""The exact inet_diag request and the reading of its reply, with bytes alone.
+
+The reply fixtures were captured from the kernel of the test machines (an
+exact SOCK_DIAG_BY_FAMILY lookup of 127.0.0.1:40000 -> 127.0.0.1:37511):
+an ESTABLISHED socket, the same 4-tuple in TIME_WAIT after close(), and a
+4-tuple with no socket (ENOENT). The kernel appends attributes after the
+72-byte inet_diag_msg; the reader must skip them.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from metaproxy.protocol import inet_diag
+from metaproxy.protocol.inet_diag import Entry, TcpState, established_owner, exact_request, parse_reply
+
+REQUEST_V4 = bytes.fromhex(
+    "48000000" "1400" "0100" "07000000" "00000000"  # nlmsghdr: 72 bytes, SOCK_DIAG_BY_FAMILY, REQUEST, seq 7
+    "02" "06" "00" "00" "02000000"  # AF_INET, IPPROTO_TCP, no extensions, pad, states {ESTABLISHED}
+    "9c40" "0050"  # sport 40000, dport 80 (network order)
+    "c0000201" "000000000000000000000000"  # src 192.0.2.1 in the first word
+    "c6336402" "000000000000000000000000"  # dst 198.51.100.2
+    "00000000" "ffffffff" "ffffffff")  # any interface, INET_DIAG_NOCOOKIE
+
+ESTABLISHED_REPLY = bytes.fromhex(
+    "7c00000014000000070000004d670000020100009c4092877f00000100000000000000000000000"
+    "07f000001000000000000000000000000000000000d00000000000000000000000000000000000000"
+    "000000004c9f0000050008000000000008000f00000000000c00150001000000000000000600160052000000")
+TIME_WAIT_REPLY = bytes.fromhex(
+    "6000000014000000070000004d670000020603009c4092877f00000100000000000000000000000"
+    "07f000001000000000000000000000000000000000d00000000000000fce90000000000000000000000"
+    "00000000000000000008000f0000000000")
+ENOENT_REPLY = bytes.fromhex(
+    "5c00000002000000070000004d670000feffffff4800000014000100070000000000000002060000"
+    "020000009c4192877f0000010000000000000000000000007f00000100000000000000000000000000"
+    "000000ffffffffffffffff")
+LOCAL, REMOTE = ("127.0.0.1", 40000), ("127.0.0.1", 37511)
+
+
+def _reply(family: int, state: int, src: bytes, sport: int, dst: bytes, dport: int, uid: int, inode: int,
+           seq: int = 7) -> bytes:
+    """A hand-built reply, field by field as in struct inet_diag_msg."""
+    body = (struct.pack("=BBBB", family, state, 0, 0) + struct.pack("!HH", sport, dport)
+            + src.ljust(16, b"\0") + dst.ljust(16, b"\0") + struct.pack("=III", 0, 1, 2)
+            + struct.pack("=IIIII", 0, 0, 0, uid, inode))
+    return struct.pack("=IHHII", 16 + len(body), 20, 0, seq, 1234) + body
+
+
+def test_request_is_the_exact_ipv4_lookup_byte_for_byte() -> None:
+    """72 bytes: header, inet_diag_req_v2 for TCP, the 4-tuple with IPv4 in the first word, no cookie."""
+    assert exact_request(("192.0.2.1", 40000), ("198.51.100.2", 80), 7) == REQUEST_V4
+    assert len(REQUEST_V4) == inet_diag.REQUEST_SIZE
+
+
+def test_v4_mapped_addresses_are_looked_up_as_ipv4() -> None:
+    """A dual-stack listener's ::ffff:a.b.c.d peer is an IPv4 flow: same request as plain IPv4."""
+    mapped = exact_request(("::ffff:192.0.2.1", 40000), ("::ffff:198.51.100.2", 80), 7)
+    assert mapped == REQUEST_V4
+    assert exact_request(("::ffff:192.0.2.1", 40000), ("198.51.100.2", 80), 7) == REQUEST_V4
+
+
+def test_ipv6_request_carries_all_four_words() -> None:
+    request = exact_request(("2001:db8:1::1", 40000), ("2001:db8:2::2", 443), 9)
+    assert request[16] == inet_diag.AF_INET6
+    assert request[24:28] == bytes.fromhex("9c4001bb")
+    assert request[28:44] == bytes.fromhex("20010db8000100000000000000000001")
+    assert request[44:60] == bytes.fromhex("20010db8000200000000000000000002")
+    assert struct.unpack_from("=I", request, 8)[0] == 9
+
+
+@pytest.mark.parametrize("src, dst", [(("192.0.2.1", 1), ("2001:db8::2", 80)), (("not an ip", 1), ("192.0.2.2", 80)),
+                                      (("2001:db8::1", 1), ("198.51.100.2", 80))])
+def test_no_request_for_a_tuple_no_socket_can_have(src: tuple[str, int], dst: tuple[str, int]) -> None:
+    with pytest.raises(ValueError):
+        exact_request(src, dst, 1)
+
+
+def test_established_reply_names_its_uid_and_skips_the_attributes() -> None:
+    entry = parse_reply(ESTABLISHED_REPLY, 7)
+    assert entry == Entry(TcpState.ESTABLISHED, LOCAL, REMOTE, 0, 40780)
+    assert established_owner(entry, LOCAL, REMOTE) == 0
+
+
+def test_time_wait_reply_reports_uid_0_and_counts_as_unknown() -> None:
+    """The bug of issue 11 item 1: a client already gone shows uid 0; that is not root's socket."""
+    entry = parse_reply(TIME_WAIT_REPLY, 7)
+    assert entry is not None and entry.state == TcpState.TIME_WAIT and entry.uid == 0 and entry.inode == 0
+    assert established_owner(entry, LOCAL, REMOTE) is None
+
+
+def test_enoent_reply_means_no_socket() -> None:
+    assert parse_reply(ENOENT_REPLY, 7) is None
+
+
+@pytest.mark.parametrize("state", [s for s in TcpState if s is not TcpState.ESTABLISHED])
+def test_only_an_established_entry_counts(state: TcpState) -> None:
+    """FIN_WAIT, CLOSE_WAIT, LISTEN, ... with any uid: owner unknown."""
+    reply = _reply(inet_diag.AF_INET, state, bytes([192, 0, 2, 1]), 40000, bytes([198, 51, 100, 2]), 80, 1000, 99)
+    assert established_owner(parse_reply(reply, 7), ("192.0.2.1", 40000), ("198.51.100.2", 80)) is None
+
+
+def test_an_established_entry_no_process_holds_counts_as_unknown() -> None:
+    reply = _reply(inet_diag.AF_INET, TcpState.ESTABLISHED, bytes([192, 0, 2, 1]), 40000,
+                   bytes([198, 51, 100, 2]), 80, 1000, 0)
+    assert established_owner(parse_reply(reply, 7), ("192.0.2.1", 40000), ("198.51.100.2", 80)) is None
+
+
+def test_an_entry_for_another_tuple_counts_as_unknown() -> None:
+    reply = _reply(inet_diag.AF_INET, TcpState.ESTABLISHED, bytes([192, 0, 2, 1]), 40000,
+                   bytes([198, 51, 100, 2]), 80, 1000, 5)
+    assert established_owner(parse_reply(reply, 7), ("192.0.2.1", 40000), ("198.51.100.2", 80)) == 1000
+    assert established_owner(parse_reply(reply, 7), ("192.0.2.1", 40001), ("198.51.100.2", 80)) is None
+    assert established_owner(parse_reply(reply, 7), ("192.0.2.1", 40000), ("198.51.100.3", 80)) is None
+
+
+def test_an_ipv6_socket_with_v4_mapped_addresses_answers_an_ipv4_lookup() -> None:
+    """The client's own socket may be AF_INET6 connected to ::ffff:a.b.c.d; the kernel finds
+    it by the IPv4 lookup and describes it as AF_INET6."""
+    mapped = bytes.fromhex("00000000000000000000ffff")
+    reply = _reply(inet_diag.AF_INET6, TcpState.ESTABLISHED, mapped + bytes([192, 0, 2, 1]), 40000,
+                   mapped + bytes([198, 51, 100, 2]), 80, 1000, 5)
+    assert established_owner(parse_reply(reply, 7), ("192.0.2.1", 40000), ("198.51.100.2", 80)) == 1000
+    assert established_owner(parse_reply(reply, 7), ("::ffff:192.0.2.1", 40000), ("198.51.100.2", 80)) == 1000
+
+
+def test_ipv6_entry() -> None:
+    src, dst = bytes.fromhex("20010db8000100000000000000000001"), bytes.fromhex("20010db8000200000000000000000002")
+    reply = _reply(inet_diag.AF_INET6, TcpState.ESTABLISHED, src, 40000, dst, 443, 1000, 5)
+    assert established_owner(parse_reply(reply, 7), ("2001:db8:1::1", 40000), ("2001:db8:2::2", 443)) == 1000
+
+
+@pytest.mark.parametrize("data", [b"", ESTABLISHED_REPLY[:15], ESTABLISHED_REPLY[:60], ESTABLISHED_REPLY[:100],
+                                  struct.pack("=IHHII", 8, 20, 0, 7, 0),
+                                  struct.pack("=IHHII", 16, 99, 0, 7, 0),
+                                  _reply(7, 1, b"", 1, b"", 2, 3, 4)])
+def test_malformed_replies_are_errors_not_owners(data: bytes) -> None:
+    """Truncated, too short for an inet_diag_msg, an unknown type or address family."""
+    with pytest.raises(inet_diag.DiagError):
+        parse_reply(data, 7)
+
+
+def test_a_reply_to_another_request_is_refused() -> None:
+    with pytest.raises(inet_diag.DiagError):
+        parse_reply(ESTABLISHED_REPLY, 8)
