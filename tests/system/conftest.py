@@ -19,10 +19,10 @@ from tests.system import peers
 from tests.system.daemon import Daemon, StartDaemon, next_port, start_daemon
 from tests.system.lab import SYSPATH, Lab
 from tests.system.peers import World
-from tests.system.topology import HTTP_PORTS, shared_config
+from tests.system.topology import BANNER_PORTS, HTTP_PORTS, WEB_PORTS, shared_config
 
 REQUIRED = ["ip", "iptables", "ip6tables", "danted", "microsocks", "tinyproxy", "nginx", "socat",
-            "curl", "wget", "setpriv", "unshare", "sysctl"]
+            "squid", "curl", "wget", "setpriv", "unshare", "sysctl"]
 ALLOW_SKIP = os.environ.get("METAPROXY_ALLOW_SKIP") == "1"
 
 
@@ -56,8 +56,8 @@ def world() -> Iterator[World]:
     lab = Lab()
     try:
         lab.build()
-        gateway = peers.start_gateway(lab)
-        web = peers.start_web(lab, HTTP_PORTS)
+        gateway = peers.start_gateway(lab, WEB_PORTS)
+        web = peers.start_web(lab, HTTP_PORTS, BANNER_PORTS)
         yield World(lab, gateway, web)
     finally:
         lab.close()

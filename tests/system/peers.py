@@ -10,6 +10,10 @@ Gateway (each on GATEWAY4 and GATEWAY6 unless noted):
     1083  microsocks -u/-P          (one process per address family)
     3128  tinyproxy with BasicAuth  HTTP CONNECT, every port allowed
     3129  tinyproxy without auth    HTTP CONNECT (the legacy JSON format has no credentials)
+    3130  squid with Basic auth     HTTP CONNECT to the lab's web ports only; cache.log
+          shows each request as squid read it off the wire
+    1090  scripted upstream         SOCKS5, SOCKS4, SOCKS4a and HTTP CONNECT on one port; sends
+          its reply and the destination's banner in one segment (scripted_upstream.py)
     1998  silent: accepts and never answers
     1999  nothing listens (an upstream that is down)
     unix  socat on a Unix socket, bridging SOCKS5 to dante on 1080
@@ -19,10 +23,12 @@ Web (on WEB4 and WEB6):
     nginx on HTTP_PORTS serving index.html and big.bin (50 MB, random)
     SINK_PORT    reads to EOF, replies "<sha256 hex> <length>\\n"
     SILENT_PORT  accepts and never answers
+    banner ports speak first ("SSH-2.0-...\\r\\n"), then echo
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -38,6 +44,8 @@ MICROSOCKS_PORT = 1082
 MICROSOCKS_AUTH_PORT = 1083
 TINYPROXY_AUTH_PORT = 3128
 TINYPROXY_PORT = 3129
+SQUID_PORT = 3130
+SCRIPTED_UPSTREAM_PORT = 1090
 SILENT_UPSTREAM_PORT = 1998
 DOWN_UPSTREAM_PORT = 1999
 
@@ -46,6 +54,7 @@ HTTP_USER, HTTP_PASSWORD = "webuser", "webpass"
 
 SINK_PORT = 9001
 SILENT_PORT = 9002
+BANNER = b"SSH-2.0-metaproxy-test\r\n"   # what servers.py banner sends first
 BIG_SIZE = 50 * 1024 * 1024
 INDEX = "<html><body>subgraph_metaproxy lab page</body></html>\n"
 
@@ -57,6 +66,9 @@ class Gateway:
     dante_auth_log: Path
     unix_socket: Path
     tinyproxy_log: Path
+    squid_access_log: Path
+    squid_cache_log: Path
+    scripted_upstream: Process
     processes: dict[str, Process] = field(default_factory=dict)
 
 
@@ -158,6 +170,85 @@ def start_tinyproxy(lab: Lab, port: int, auth: bool) -> Process:
     return process
 
 
+def crypt_hash(password: str, salt: str = "metaproxylab") -> str:
+    """A SHA-512 crypt(3) hash from the system's libcrypt, the one squid's helper calls.
+
+    basic_ncsa_auth compares crypt(password, stored) with the stored hash, so any
+    scheme libcrypt knows works; $6$ needs no extra program (openssl, htpasswd).
+    """
+    libcrypt = ctypes.CDLL("libcrypt.so.1")
+    libcrypt.crypt.restype = ctypes.c_char_p
+    libcrypt.crypt.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    hashed = libcrypt.crypt(password.encode(), f"$6${salt}$".encode())
+    if not hashed or not hashed.startswith(b"$6$"):
+        raise LabError(f"libcrypt could not make a SHA-512 crypt hash (got {hashed!r})")
+    return hashed.decode()
+
+
+def squid_conf(lab: Lab, directory: Path, htpasswd: Path, connect_ports: Iterable[int]) -> str:
+    """squid as a CONNECT-only proxy with Basic auth, all its files in `directory`, no cache."""
+    ports = " ".join(str(p) for p in sorted(set(connect_ports)))
+    if not ports:
+        raise LabError("squid needs the list of web ports it may CONNECT to")
+    return f"""\
+http_port {GATEWAY4}:{SQUID_PORT}
+http_port [{GATEWAY6}]:{SQUID_PORT}
+visible_hostname metaproxy-lab-squid
+cache_effective_user nobody
+cache_effective_group nogroup
+pid_filename {directory}/squid.pid
+coredump_dir {directory}
+cache_log {directory}/cache.log
+logformat lab %ts.%03tu %>a user=%un %rm %ru status=%>Hs %Ss
+access_log stdio:{directory}/access.log logformat=lab
+logfile_rotate 0
+# No cache_dir: memory only, and nothing kept.
+cache deny all
+cache_mem 1 MB
+netdb_filename none
+pinger_enable off
+icp_port 0
+htcp_port 0
+# The lab never resolves a name; a CONNECT to an IP literal needs no DNS.
+dns_nameservers 127.0.0.1
+hosts_file none
+shutdown_lifetime 0 seconds
+max_filedescriptors 1024
+# 11,2 writes each request from a client to cache.log as it arrived, request
+# line included: the tests read the authority from there.
+debug_options ALL,1 11,2
+auth_param basic program /usr/lib/squid/basic_ncsa_auth {htpasswd}
+auth_param basic children 2 startup=1 idle=1
+auth_param basic realm metaproxy-lab
+acl CONNECT method CONNECT
+acl lab_web_ports port {ports}
+acl lab_users proxy_auth REQUIRED
+http_access deny !CONNECT
+http_access deny !lab_web_ports
+http_access allow lab_users
+http_access deny all
+"""
+
+
+def start_squid(lab: Lab, connect_ports: Iterable[int]) -> Process:
+    """squid in the foreground (-N: no daemon, no SMP kids), killed by its PID like the rest."""
+    directory = lab.tmp / "squid"
+    directory.mkdir(mode=0o755)
+    os.chown(directory, 65534, 65534)
+    htpasswd = lab.file("squid.htpasswd", f"{HTTP_USER}:{crypt_hash(HTTP_PASSWORD)}\n", mode=0o644)
+    conf = lab.file("squid.conf", squid_conf(lab, directory, htpasswd, connect_ports))
+    process = lab.gateway.spawn("squid", ["squid", "-N", "-f", str(conf)])
+    _wait_both(lab.gateway, SQUID_PORT, process)
+    return process
+
+
+def start_scripted_upstream(lab: Lab) -> Process:
+    process = lab.gateway.spawn("scripted-upstream", [PYTHON, str(HERE / "scripted_upstream.py"),
+                                                      str(SCRIPTED_UPSTREAM_PORT), GATEWAY4, GATEWAY6])
+    _wait_both(lab.gateway, SCRIPTED_UPSTREAM_PORT, process)
+    return process
+
+
 def start_unix_socks(lab: Lab) -> tuple[Process, Path]:
     """A SOCKS5 server on a Unix socket: socat bridging to dante (any namespace sees the path)."""
     path = lab.tmp / "socks.sock"
@@ -175,7 +266,8 @@ def start_silent(lab: Lab, ns: Namespace, name: str, port: int, addresses: Itera
     return process
 
 
-def start_gateway(lab: Lab) -> Gateway:
+def start_gateway(lab: Lab, web_ports: Iterable[int]) -> Gateway:
+    """Every upstream; squid may CONNECT to `web_ports` only."""
     processes: dict[str, Process] = {}
     processes["dante"] = start_dante(lab)
     processes["dante-auth"] = start_dante_auth(lab)
@@ -185,12 +277,16 @@ def start_gateway(lab: Lab) -> Gateway:
         processes[process.name] = process
     processes["tinyproxy-auth"] = start_tinyproxy(lab, TINYPROXY_AUTH_PORT, auth=True)
     processes["tinyproxy"] = start_tinyproxy(lab, TINYPROXY_PORT, auth=False)
+    processes["squid"] = start_squid(lab, web_ports)
+    processes["scripted-upstream"] = start_scripted_upstream(lab)
     processes["unix-socks"], path = start_unix_socks(lab)
     processes["silent-upstream"] = start_silent(lab, lab.gateway, "silent-upstream",
                                                 SILENT_UPSTREAM_PORT, (GATEWAY4, GATEWAY6))
     return Gateway(dante_log=lab.tmp / "dante.log", dante_auth_log=lab.tmp / "dante-auth.log",
                    unix_socket=path, tinyproxy_log=lab.tmp / f"tinyproxy-{TINYPROXY_AUTH_PORT}.log",
-                   processes=processes)
+                   squid_access_log=lab.tmp / "squid" / "access.log",
+                   squid_cache_log=lab.tmp / "squid" / "cache.log",
+                   scripted_upstream=processes["scripted-upstream"], processes=processes)
 
 
 # ---- web ------------------------------------------------------------------------------
@@ -243,13 +339,18 @@ http {{
     return process, www, big_sha256
 
 
-def start_web(lab: Lab, http_ports: Iterable[int]) -> Web:
-    http_ports = tuple(http_ports)
+def start_web(lab: Lab, http_ports: Iterable[int], banner_ports: Iterable[int] = ()) -> Web:
+    http_ports, banner_ports = tuple(http_ports), tuple(banner_ports)
     processes: dict[str, Process] = {}
     processes["nginx"], www, big_sha256 = start_nginx(lab, http_ports)
     processes["sink"] = lab.web.spawn("sink", [PYTHON, str(HERE / "servers.py"), "sink", str(SINK_PORT), WEB4, WEB6])
     _wait_both(lab.web, SINK_PORT, processes["sink"], WEB4, WEB6)
     processes["silent"] = start_silent(lab, lab.web, "silent-web", SILENT_PORT, (WEB4, WEB6))
+    if banner_ports:
+        processes["banner"] = lab.web.spawn("banner", [PYTHON, str(HERE / "servers.py"), "banner",
+                                                       ",".join(map(str, banner_ports)), WEB4, WEB6])
+        for port in banner_ports:
+            _wait_both(lab.web, port, processes["banner"], WEB4, WEB6)
     return Web(http_ports=http_ports, www=www, big_sha256=big_sha256, processes=processes)
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests.system import clients, peers
 from tests.system.daemon import Daemon, StartDaemon, daemon_section
-from tests.system.lab import GATEWAY4, WEB4, WEB6
+from tests.system.lab import GATEWAY4, WEB4, WEB6, url_host
 from tests.system.peers import World
 from tests.system.topology import SINK_ROUTE, UPSTREAMS
 
@@ -63,6 +63,47 @@ def test_upstream_credentials_are_checked_by_the_peer(world: World, relay: Daemo
     got = clients.curl(world.client, clients.url(WEB4, UPSTREAMS["http"][0]))
     assert got.ok, got.stderr
     assert f"CONNECT {WEB4}:{UPSTREAMS['http'][0]}" in world.gateway.tinyproxy_log.read_text()
+
+
+def _squid_request_lines(world: World, mark: int) -> list[str]:
+    """Request lines as squid read them off the wire (debug section 11,2 in cache.log)."""
+    text = world.gateway.squid_cache_log.read_text(errors="replace")[mark:]
+    return re.findall(r"HTTP Client REQUEST:\n-+\n([^\n]*)\n", text)
+
+
+def _squid_access_line(world: World, mark: int, needle: str, timeout: float = 5) -> str:
+    """squid's access.log line containing needle after mark; squid writes a tunnel's line
+    when the tunnel closes, so wait for it (bounded)."""
+    for _ in range(int(timeout / 0.05) + 1):
+        text = world.gateway.squid_access_log.read_text(errors="replace")[mark:]
+        found = [line for line in text.splitlines() if needle in line]
+        if found:
+            return found[-1]
+        time.sleep(0.05)
+    return ""
+
+
+@pytest.mark.parametrize("client", ["curl", "wget"])
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_squid_gets_authority_form_connect_with_basic_auth(world: World, relay: Daemon,
+                                                           family: str, client: str) -> None:
+    """squid, which parses the CONNECT authority strictly and checks Basic auth, receives
+    ``CONNECT 198.51.100.2:port`` for an IPv4 destination and the bracketed
+    ``CONNECT [2001:db8:2::2]:port`` (RFC 9110 authority-form) for an IPv6 one, tunnels it
+    for the configured user, and the page arrives."""
+    port = UPSTREAMS["squid"][0]
+    authority = f"{url_host(WEB[family])}:{port}"
+    cache_mark = len(world.gateway.squid_cache_log.read_text(errors="replace"))
+    access_mark = len(world.gateway.squid_access_log.read_text(errors="replace"))
+    fetch = clients.curl if client == "curl" else clients.wget
+    got = fetch(world.client, clients.url(WEB[family], port, "/index.html"))
+    lines = _squid_request_lines(world, cache_mark)
+    assert f"CONNECT {authority} HTTP/1.1" in lines, (
+        f"squid read {lines}, expected the request line CONNECT {authority} HTTP/1.1")
+    assert got.ok, f"{client} via squid ({family}) failed: {got.stderr}\ndaemon:\n{relay.log()[-3000:]}"
+    assert got.body.decode() == peers.INDEX
+    line = _squid_access_line(world, access_mark, f"CONNECT {authority} ")
+    assert f"user={peers.HTTP_USER} CONNECT {authority} status=200 TCP_TUNNEL" in line, line
 
 
 @pytest.mark.parametrize("upstream,family", [("dante", "ipv4"), ("http_v6", "ipv6")])

@@ -32,6 +32,8 @@ UPSTREAMS = {
     "dante_v6":        (8009, f"type = socks5\naddress = [{GATEWAY6}]:{peers.DANTE_PORT}\n"),
     "http_v6":         (8010, f"type = http\naddress = [{GATEWAY6}]:{peers.TINYPROXY_AUTH_PORT}\n"
                               f"username = {peers.HTTP_USER}\npassword = {peers.HTTP_PASSWORD}\n"),
+    "squid":           (8011, f"type = http\naddress = {GATEWAY4}:{peers.SQUID_PORT}\n"
+                              f"username = {peers.HTTP_USER}\npassword = {peers.HTTP_PASSWORD}\n"),
     # One upstream per isolation mode, all to dante with pam.username.
     "iso_connection":  (8021, f"type = socks5\naddress = {GATEWAY4}:{peers.DANTE_AUTH_PORT}\nisolation = connection\n"),
     "iso_destination": (8022, f"type = socks5\naddress = {GATEWAY4}:{peers.DANTE_AUTH_PORT}\nisolation = destination\n"),
@@ -61,13 +63,34 @@ EXTRA_UPSTREAMS = {
 PRIVATE_HTTP_PORT, PRIVATE_DOWN_PORT, PRIVATE_SILENT_PORT, PRIVATE_UNMATCHED_PORT = 47123, 47234, 47345, 47457
 HTTP_PORTS = tuple(port for port, _ in UPSTREAMS.values()) + tuple(EXTRA_ROUTES) + (PRIVATE_HTTP_PORT,)
 
+# ---- banner-first destinations ------------------------------------------------------------
+# servers.py banner listens on each port below and speaks first; each port is
+# routed to one upstream, so the banner crosses exactly that kind of proxy.
+# The scripted upstream (scripted_upstream.py) sends its reply and the banner
+# in ONE segment, which the real proxies only do by chance.
+SCRIPTED_UPSTREAMS = {
+    "scripted_socks5":  f"type = socks5\naddress = {GATEWAY4}:{peers.SCRIPTED_UPSTREAM_PORT}\n",
+    "scripted_socks4":  f"type = socks4\naddress = {GATEWAY4}:{peers.SCRIPTED_UPSTREAM_PORT}\n",
+    "scripted_socks4a": f"type = socks4a\naddress = {GATEWAY4}:{peers.SCRIPTED_UPSTREAM_PORT}\n",
+    "scripted_http":    f"type = http\naddress = {GATEWAY4}:{peers.SCRIPTED_UPSTREAM_PORT}\n",
+}
+BANNER_ROUTES = {
+    # upstream name (in UPSTREAMS or SCRIPTED_UPSTREAMS): banner destination port
+    "dante": 8101, "microsocks": 8102, "socks4": 8103, "socks4a": 8104, "http": 8105,
+    "squid": 8106, "unix_socks": 8107,
+    "scripted_socks5": 8111, "scripted_socks4": 8112, "scripted_socks4a": 8113, "scripted_http": 8114,
+}
+BANNER_PORTS = tuple(BANNER_ROUTES.values())
+# squid may CONNECT to these only.
+WEB_PORTS = HTTP_PORTS + BANNER_PORTS
+
 
 def shared_config(port: int, unix_socket: Path) -> str:
     out = [daemon_section(port, connect_timeout=5), "[upstreams]"]
     for name, (_, body) in UPSTREAMS.items():
         out.append(f"    [[{name}]]")
         out += ["    " + line for line in body.format(unix_socket=unix_socket).splitlines()]
-    for name, body in EXTRA_UPSTREAMS.items():
+    for name, body in {**EXTRA_UPSTREAMS, **SCRIPTED_UPSTREAMS}.items():
         out.append(f"    [[{name}]]")
         out += ["    " + line for line in body.splitlines()]
     out.append("[routes]")
@@ -76,6 +99,7 @@ def shared_config(port: int, unix_socket: Path) -> str:
     out += [f"{SINK_ROUTE[0]} = {SINK_ROUTE[1]}", f"{SILENT_DEST_ROUTE[0]} = {SILENT_DEST_ROUTE[1]}",
             f"{DOWN_PORT} = down", f"{SILENT_UPSTREAM_DEST_PORT} = silent",
             f"{HTTP_BAD_AUTH_PORT} = http_bad_auth", f"{SOCKS_BAD_AUTH_PORT} = socks_bad_auth"]
+    out += [f"{port} = {name}" for name, port in BANNER_ROUTES.items()]
     return "\n".join(out) + "\n"
 
 
