@@ -48,6 +48,9 @@ ALLOWED: tuple[tuple[str, tuple[Rule, ...]], ...] = (
     # never a fork. clone3() hides its flags from the filter: see DENIED_SOFTLY.
     ("threads", (_if("clone", (0, CLONE_THREAD, CLONE_THREAD)), "futex", "set_robust_list", "rseq",
                  "gettid", "exit", "exit_group")),
+    # Python 3.13 (Debian 13) sizes the default executor with os.process_cpu_count(),
+    # which asks sched_getaffinity() for our own CPU mask (pid 0 only, read only).
+    ("sizing the executor", (_if("sched_getaffinity", (0, EQ, 0)),)),
     # Signals arrive through asyncio's handlers; the daemon sends none (no kill).
     ("signals", ("rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "restart_syscall")),
     # Clocks (when the vDSO falls back) and getrandom() for isolation credentials.
@@ -58,6 +61,9 @@ ALLOWED: tuple[tuple[str, tuple[Rule, ...]], ...] = (
     # SIGHUP, late imports. Opening to write is answered EACCES (DENIED_SOFTLY).
     ("reading files", (_if("openat", (2, sum(WRITE_FLAGS), 0)), "read", "lseek", "newfstatat",
                        "getdents64", "close")),
+    # fstat() on an open descriptor: glibc 2.41 (Debian 13) calls fstat itself
+    # where 2.36 (Debian 12) called newfstatat(fd, "", AT_EMPTY_PATH).
+    ("file status", ("fstat",)),
     # Logging and systemd: lines on stderr; journald and sd_notify datagrams.
     ("logging", ("write", "sendmsg", _if("socket", (0, EQ, socket.AF_UNIX),
                                          (1, SOCK_TYPE_MASK, socket.SOCK_DGRAM)))),
@@ -70,11 +76,13 @@ ALLOWED: tuple[tuple[str, tuple[Rule, ...]], ...] = (
     ("event loop and relaying", ("epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "pipe2",
                                  "splice")),
     # Sockets: TCP over IPv4 and IPv6 to upstreams; AF_UNIX streams for unix:/path
-    # upstreams and asyncio's self-pipe. No UDP (so no DNS lookup can leak), no
-    # raw or packet sockets, no bind() or listen(): the root phase made the listeners.
+    # upstreams and asyncio's self-pipe; netlink only as SOCK_RAW NETLINK_SOCK_DIAG (4),
+    # one socket per isolation = user owner lookup. No UDP (so no DNS lookup can leak), no
+    # other netlink, raw or packet sockets, no bind() or listen(): the root phase made the listeners.
     ("sockets", tuple(_if("socket", (0, EQ, family), (1, SOCK_TYPE_MASK, socket.SOCK_STREAM))
                       for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX))
-     + (_if("socketpair", (0, EQ, socket.AF_UNIX)), "accept4", "connect", "getsockname",
+     + (_if("socket", (0, EQ, socket.AF_NETLINK), (1, SOCK_TYPE_MASK, socket.SOCK_RAW), (2, EQ, 4)),
+        _if("socketpair", (0, EQ, socket.AF_UNIX)), "accept4", "connect", "getsockname",
         "getpeername", "shutdown", "sendto", "recvfrom")),
     # getsockopt: the original destination (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST),
     # the outcome of a non-blocking connect (SO_ERROR), and the send buffer
