@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 
 from metaproxy.errors import PrivilegeError
+from metaproxy.kernel.peer_owner import client_uid
 from metaproxy.privileged import load_syscall_filter
+from metaproxy.protocol.inet_diag import NETLINK_SOCK_DIAG
 from tests.unit.test_privileged_forking import in_child, proc_status
 
 SO_ORIGINAL_DST = 80
@@ -42,6 +44,10 @@ FORBIDDEN: dict[str, Callable[[], object]] = {
     "mount": lambda: LIBC.mount(b"none", b"/mnt", b"tmpfs", 0, None),
     "socket(AF_PACKET)": lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW),
     "socket(AF_NETLINK)": lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW),
+    "socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER): no other netlink protocol": lambda: socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW, 12),
+    "socket(AF_NETLINK, SOCK_DGRAM, NETLINK_SOCK_DIAG): only SOCK_RAW": lambda: socket.socket(
+        socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG),
     "socket(AF_INET, SOCK_DGRAM): no UDP": lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
     "bind: no new listener": _with_socket(lambda s: s.bind(("127.0.0.1", 0))),
     "listen: not even on an unbound socket": _with_socket(lambda s: s.listen()),
@@ -102,6 +108,24 @@ def test_writing_opens_fail_with_eacces_and_reading_works() -> None:
     assert outcome.ok, outcome
     assert outcome.value == {"read /proc/net/tcp": "True", "wb": "EACCES", "ab": "EACCES",
                              "r+b": "EACCES", "xb": "EACCES"}, outcome
+
+
+def test_the_owner_lookup_of_isolation_user_works_under_the_filter() -> None:
+    """The one netlink socket the filter allows (SOCK_RAW, NETLINK_SOCK_DIAG, non-blocking,
+    close-on-exec) answers client_uid(): the owner of a live socket, then None once it is gone."""
+    def body() -> list[int | None]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        load_syscall_filter("kill")
+        client = socket.create_connection(listener.getsockname())
+        server, peer = listener.accept()
+        found = [client_uid(socket.AF_INET, peer, listener.getsockname())]
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        found.append(client_uid(socket.AF_INET, peer, listener.getsockname()))
+        server.close()
+        return found
+    outcome = in_child(body)
+    assert outcome.ok and outcome.value == [os.geteuid(), None], outcome
 
 
 def _relay_calls() -> dict[str, Any]:
