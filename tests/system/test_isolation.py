@@ -9,13 +9,16 @@ Whatever the daemon generated, dante's log is the witness.
 
 from __future__ import annotations
 
+import collections
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from tests.system import clients
 from tests.system.daemon import Daemon
-from tests.system.lab import CLIENT4, CLIENT6, WEB4, WEB6
+from tests.system.lab import CLIENT4, CLIENT6, WEB4, WEB6, clean_env
 from tests.system.peers import World
 from tests.system.topology import ISO_DESTINATION_OTHER_PORT, UPSTREAMS
 
@@ -130,3 +133,107 @@ def test_configured_username_overrides_isolation(world: World, relay: Daemon) ->
     _fetch(world, WEB4, port, as_nobody=True)
     names = _sessions(log, mark, port, 2)
     assert names == ["fixeduser", "fixeduser"], f"dante saw {names}"
+
+
+# The race of issue 11, item 1. Run in the client namespace as a given uid:
+#   burst N    N concurrent HTTP/1.0 fetches that stay connected until the reply;
+#              prints how many got "HTTP/1.1 200"
+#   closers N  N connections closed at once after connect(), 10 ms apart; prints N
+# Both bounded in time (every socket has a timeout, the whole burst a deadline).
+_LOAD = r"""
+import asyncio, socket, sys, time
+mode, count, host, port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+request = f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode()
+async def fetch():
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request)
+        head = await reader.readline()
+        await reader.read()
+        writer.close()
+        return head.startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+async def burst():
+    done = await asyncio.wait_for(asyncio.gather(*(fetch() for _ in range(count))), 60)
+    return sum(done)
+if mode == "burst":
+    print(asyncio.run(burst()))
+else:
+    for _ in range(count):
+        s = socket.create_connection((host, port), timeout=5)
+        s.close()
+        time.sleep(0.01)
+    print(count)
+"""
+BURST, CLOSERS = 300, 25
+BURST_UID, CLOSER_UID = 4242, 65534  # another user, and nobody
+
+
+def _load_argv(world: World, uid: int, mode: str, count: int, port: int) -> list[str]:
+    return world.client.argv(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--",
+                              sys.executable, "-c", _LOAD, mode, str(count), WEB4, str(port)])
+
+
+def _run_load(world: World, uid: int, mode: str, count: int, port: int) -> int:
+    done = subprocess.run(_load_argv(world, uid, mode, count, port), capture_output=True, timeout=90,
+                          env=clean_env(HOME="/"), check=False)
+    assert done.returncode == 0, f"{mode} as uid {uid} failed: {done.stderr.decode(errors='replace')}"
+    return int(done.stdout)
+
+
+def _settled_sessions(log: Path, mark: int, port: int, at_least: int, timeout: float = 20) -> list[str | None]:
+    """At least `at_least` sessions, then no new one for a second (bounded by `timeout`)."""
+    found = _sessions(log, mark, port, at_least, timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        again = _sessions(log, mark, port, 0)
+        if len(again) == len(found):
+            break
+        found = again
+    return found
+
+
+def test_isolation_user_never_gives_a_gone_client_root_s_or_another_user_s_token(
+        world: World, relay: Daemon) -> None:
+    """The race of issue 11, item 1: clients of nobody that close right after connecting,
+    during a burst of 300 connections from uid 4242. A gone client's socket is listed
+    with uid 0 (TIME_WAIT, orphaned FIN_WAIT2); the daemon must not read that as root.
+    Every burst connection carries uid 4242's username, no other connection does, and
+    no connection carries root's; a closer carries nobody's username or one of its own.
+    (A daemon that refuses gone clients before connecting upstream sends fewer closer
+    sessions to dante; the burst's count still catches any closer given uid 4242's name.)"""
+    log, port = world.gateway.dante_auth_log, UPSTREAMS["iso_user"][0]
+    mark = _mark(log)
+    _fetch(world, WEB4, port)
+    _fetch(world, WEB4, port, as_nobody=True)
+    assert _run_load(world, BURST_UID, "burst", 1, port) == 1
+    root, nobody, other = _sessions(log, mark, port, 3)
+    _check_generated([root, nobody, other])
+    assert len({root, nobody, other}) == 3, f"uid 0, nobody and uid {BURST_UID} share usernames: {root, nobody, other}"
+
+    mark = _mark(log)
+    burst = subprocess.Popen(_load_argv(world, BURST_UID, "burst", BURST, port), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=clean_env(HOME="/"))
+    try:
+        closed = _run_load(world, CLOSER_UID, "closers", CLOSERS, port)
+        out, err = burst.communicate(timeout=90)
+    finally:
+        if burst.poll() is None:
+            burst.kill()
+            burst.wait(5)
+    assert burst.returncode == 0, f"the burst failed: {err.decode(errors='replace')}"
+    fetched = int(out)
+    assert closed == CLOSERS and fetched >= BURST * 9 // 10, f"{fetched} of {BURST} burst fetches succeeded"
+
+    names = _settled_sessions(log, mark, port, fetched)
+    counts = collections.Counter(names)
+    assert counts[root] == 0, f"{counts[root]} connections got root's username during the race"
+    assert counts[other] == fetched, (
+        f"{fetched} burst connections succeeded but {counts[other]} sessions carry uid {BURST_UID}'s username")
+    rest = [name for name in names if name not in (other, nobody)]
+    _check_generated(rest)
+    repeated = {name: n for name, n in collections.Counter(rest).items() if n > 1}
+    assert not repeated, f"gone clients shared a username instead of one each: {repeated}"
+    assert len(names) <= fetched + CLOSERS, f"{len(names)} sessions for {fetched} + {CLOSERS} connections"
