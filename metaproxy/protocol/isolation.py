@@ -33,6 +33,16 @@ class Isolator:
         self._secret = secret if secret is not None else secrets.token_bytes(32)
 
     def credentials(self, dest_ip: str, dest_port: int, uid: int | None) -> tuple[str, str] | None:
+        """(username, password) for one connection, or None for isolation = none.
+
+        ``uid`` is the owner of the client's live, ESTABLISHED socket, or None
+        when it is unknown (metaproxy.kernel.peer_owner). None gets a fresh
+        token, as in isolation = connection: never a shared one, and never
+        root's. A uid of 0 is trusted like any other, because the lookup only
+        returns it for a live socket that root opened: root's own connections
+        share root's token, as every user's do. The bug this guards against
+        was a gone client's entry (TIME_WAIT, uid 0) read as root's.
+        """
         if self.mode is Isolation.NONE:
             return None
         if self.mode is Isolation.CONNECTION:
@@ -42,7 +52,8 @@ class Isolator:
         elif uid is not None:
             token = self._mac(f"uid|{uid}")
         else:
-            # The uid could not be read: isolate more, never less.
+            # The owner is unknown (gone, not local, not ESTABLISHED, a failed
+            # lookup): isolate more, never less.
             token = secrets.token_hex(16)
         username = _PREFIX + token
         if username.startswith(TOR_RESERVED_PREFIX):
