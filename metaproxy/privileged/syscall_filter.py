@@ -46,11 +46,9 @@ ALLOWED: tuple[tuple[str, tuple[Rule, ...]], ...] = (
     ("memory", ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise")),
     # Threads of asyncio's default executor: clone() only with CLONE_THREAD, so
     # never a fork. clone3() hides its flags from the filter: see DENIED_SOFTLY.
+    # Python 3.13 (Debian 13) sizes the executor from our own CPU mask (pid 0).
     ("threads", (_if("clone", (0, CLONE_THREAD, CLONE_THREAD)), "futex", "set_robust_list", "rseq",
-                 "gettid", "exit", "exit_group")),
-    # Python 3.13 (Debian 13) sizes the default executor with os.process_cpu_count(),
-    # which asks sched_getaffinity() for our own CPU mask (pid 0 only, read only).
-    ("sizing the executor", (_if("sched_getaffinity", (0, EQ, 0)),)),
+                 "gettid", "exit", "exit_group", _if("sched_getaffinity", (0, EQ, 0)))),
     # Signals arrive through asyncio's handlers; the daemon sends none (no kill).
     ("signals", ("rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "restart_syscall")),
     # Clocks (when the vDSO falls back) and getrandom() for isolation credentials.
@@ -59,11 +57,9 @@ ALLOWED: tuple[tuple[str, tuple[Rule, ...]], ...] = (
     ("identity", ("getpid", "getuid", "geteuid", "getgid", "getegid", _if("prlimit64", (0, EQ, 0)))),
     # Files, read-only: /proc/net/tcp{,6} for the client's uid, the config on
     # SIGHUP, late imports. Opening to write is answered EACCES (DENIED_SOFTLY).
+    # fstat(): glibc 2.41 (Debian 13) calls it where 2.36 called newfstatat(fd, "").
     ("reading files", (_if("openat", (2, sum(WRITE_FLAGS), 0)), "read", "lseek", "newfstatat",
-                       "getdents64", "close")),
-    # fstat() on an open descriptor: glibc 2.41 (Debian 13) calls fstat itself
-    # where 2.36 (Debian 12) called newfstatat(fd, "", AT_EMPTY_PATH).
-    ("file status", ("fstat",)),
+                       "fstat", "getdents64", "close")),
     # Logging and systemd: lines on stderr; journald and sd_notify datagrams.
     ("logging", ("write", "sendmsg", _if("socket", (0, EQ, socket.AF_UNIX),
                                          (1, SOCK_TYPE_MASK, socket.SOCK_DGRAM)))),
