@@ -1,4 +1,4 @@
-"""Protocol logic free of I/O: wire codes, framing, credentials, sockaddr parsing.
+"""Protocol logic free of I/O: the upstream handshakes, wire codes, credentials, sockaddr parsing.
 
 Nothing here imports asyncio or socket, so it is tested with bytes alone.
 """

@@ -1,4 +1,4 @@
-"""Pure protocol logic: reply framing, sockaddr decoding, reply texts, isolation."""
+"""Pure protocol logic: sockaddr decoding, reply texts, isolation."""
 
 from __future__ import annotations
 
@@ -8,40 +8,9 @@ import struct
 import pytest
 
 from metaproxy.config.model import Isolation
-from metaproxy.protocol import framing, sockaddr
+from metaproxy.protocol import sockaddr
 from metaproxy.protocol.isolation import TOR_RESERVED_PREFIX, Isolator
 from metaproxy.protocol.replies import Socks5Reply, describe
-
-
-@pytest.mark.parametrize("head, length", [
-    (b"", None), (b"\x01", 7), (b"\x04", 19), (b"\x03", None), (b"\x03\x0b", 15),
-])
-def test_socks5_bound_address_length(head: bytes, length: int | None) -> None:
-    assert framing.socks5_address_length(head) == length
-
-
-def test_socks5_unknown_address_type_is_a_framing_error() -> None:
-    with pytest.raises(framing.FramingError, match="0x07"):
-        framing.socks5_address_length(b"\x07")
-
-
-def test_http_reply_ends_after_the_blank_line_and_keeps_the_payload() -> None:
-    reply = b"HTTP/1.1 200 Connection established\r\nProxy-agent: x\r\n\r\nSSH-2.0-banner\r\n"
-    end = framing.http_reply_end(reply)
-    assert end is not None and reply[end:] == b"SSH-2.0-banner\r\n"
-    assert framing.http_status(reply[:end]) == 200
-    assert framing.http_reply_end(b"HTTP/1.1 200 OK\r\n") is None
-
-
-def test_http_reply_headers_are_bounded() -> None:
-    with pytest.raises(framing.FramingError, match="larger than"):
-        framing.http_reply_end(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 4000)
-
-
-@pytest.mark.parametrize("head", [b"SSH-2.0\r\n\r\n", b"HTTP/1.1 abc\r\n\r\n", b"\r\n\r\n", b"HTTP/2 200\r\n\r\n"])
-def test_malformed_status_lines(head: bytes) -> None:
-    with pytest.raises(framing.FramingError):
-        framing.http_status(head)
 
 
 def test_sockaddr_in_and_in6_decode() -> None:
