@@ -132,27 +132,21 @@ idle_timeout = 900
 """)
 
 
-def project_argv(conf: Path, loop: str, experiment: str = "") -> tuple[list[str], str]:
+def project_argv(conf: Path, loop: str) -> tuple[list[str], str]:
     """How to start metaproxy, and a note on anything that differs from production.
 
-    The plain ``python3 -m metaproxy -c FILE`` whenever the tree can run it;
-    bench/launch_project.py only to choose the event loop, or to stand in
-    for a privileged phase the tree does not have yet.
+    The plain ``python3 -m metaproxy -c FILE``, or bench/launch_project.py
+    to choose another event loop.
     """
-    has_privileged = (REPO / "metaproxy" / "privileged" / "__init__.py").exists()
-    if has_privileged and loop == "default" and not experiment:
+    if loop == "default":
         return [PYTHON, "-m", "metaproxy", "-c", str(conf)], ""
-    note = f"loop={loop}" + (f"; experiment={experiment}" if experiment else "")
-    if not has_privileged:
-        note += "; metaproxy.privileged is missing: bench stand-in (no drop, no seccomp)"
-    extra = ["--experiment", experiment] if experiment else []
-    return [PYTHON, str(HERE / "launch_project.py"), "--loop", loop, *extra, "-c", str(conf)], note
+    return [PYTHON, str(HERE / "launch_project.py"), "--loop", loop, "-c", str(conf)], f"loop={loop}"
 
 
 def start_project(net: Net, loop: str = "default", extra_env: dict[str, str] | None = None,
-                  seccomp: str = "kill", experiment: str = "") -> tuple[Process, str]:
+                  seccomp: str = "kill") -> tuple[Process, str]:
     conf = project_config(net, seccomp)
-    argv, note = project_argv(conf, loop, experiment)
+    argv, note = project_argv(conf, loop)
     env = clean_env(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", **(extra_env or {}))
     if seccomp != "kill":
         note = "; ".join(filter(None, [note, f"seccomp={seccomp}"]))

@@ -342,8 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-n", type=int, help="idle connections (default 9000, smoke 300)")
     p.add_argument("--loop", choices=("default", "uvloop"), default="default",
                    help="metaproxy's event loop (uvloop through bench/launch_project.py)")
-    p.add_argument("--experiment", choices=("lean-socks5",), default="",
-                   help="measure a prototype (bench/experiments) instead of the real code path")
     p.add_argument("--seccomp", choices=("kill", "log", "off"), default="kill",
                    help="metaproxy's seccomp action (log: find what a variant such as uvloop needs)")
     p.add_argument("--project-env", action="append", default=[], metavar="KEY=VALUE",
@@ -373,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def project() -> Process:
             process, note = peers.start_project(net, a.loop, dict(kv.split("=", 1) for kv in a.project_env),
-                                                 a.seccomp, a.experiment)
+                                                 a.seccomp)
             if note and not notes:
                 notes.append(note)
                 results.notes.append(f"metaproxy: {note}")

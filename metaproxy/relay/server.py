@@ -1,9 +1,21 @@
 """Accepting redirected connections, and deciding what to do with each.
 
-Per connection: recover the original destination, refuse loops, pick the
-upstream by port, open it (the only per-connection coroutine), then hand both
-sockets to a callback-driven ``Relay``. A refusal is a TCP RST, so that the
-application fails at once instead of hanging.
+One connection, top to bottom (``_serve``, then ``_opened``):
+
+1. accept; refuse beyond max_connections;
+2. recover the original destination (metaproxy.kernel); refuse if unknown;
+3. refuse a connection that was never redirected (the loop guard);
+4. pick the upstream by destination port; refuse a port with no route;
+5. skip a client that is already gone (it reset before we got to it);
+6. dial the upstream: connect and handshake, driven by callbacks on the
+   relay's poller (metaproxy.upstream.connector), with the isolation
+   credentials of the upstream's isolator;
+7. hand both sockets to a ``Relay``, with the payload that came with the reply.
+
+A refusal is a TCP RST, so that the application fails at once instead of
+hanging. No per-connection line is logged unless ``log_connections`` asks
+for it: when connections happen and how many bytes they move is traffic-
+analysis material. Refusal lines are rate-limited.
 """
 
 from __future__ import annotations
@@ -16,16 +28,15 @@ import socket
 import time
 from dataclasses import dataclass
 
-from metaproxy.config.model import Config, RedirectMode, Upstream
+from metaproxy.config.model import Config, Isolation, RedirectMode, Upstream, UpstreamType
 from metaproxy.errors import DestinationUnknown, UpstreamError
 from metaproxy.kernel.original_dst import original_destination
 from metaproxy.kernel.peer_owner import client_uid
-from metaproxy.config.model import Isolation
 from metaproxy.privacy import Destination
 from metaproxy.protocol.isolation import Isolator
 from metaproxy.relay.pipes import PipePool
 from metaproxy.relay.pump import Poller, Relay, reset
-from metaproxy.upstream.connector import open_upstream
+from metaproxy.upstream.connector import Dial, handshake_for
 
 log = logging.getLogger("metaproxy.relay")
 
@@ -35,6 +46,8 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 1.0
 # A burst of at least this many relays at once is worth a give-back (see
 # _give_back) when it has mostly closed; below it the heap barely grew.
 GIVE_BACK_PEAK = 1024
+# Refusal lines: at most this many per window, then one line that counts the rest.
+REFUSALS_SHOWN, REFUSAL_WINDOW = 10, 60.0
 
 
 @dataclass
@@ -43,11 +56,62 @@ class Counters:
     total: int = 0
     refused: int = 0
     failed: int = 0
+    gone: int = 0  # clients that reset before the upstream was asked (counted in refused too)
     bytes_up: int = 0
     bytes_down: int = 0
 
     def status(self) -> str:
         return f"{self.open} open, {self.total} total, {self.refused} refused, {self.failed} upstream failures"
+
+
+class RefusalLog:
+    """Refusal lines, at most ``shown`` per ``window`` seconds, then one line that counts the rest.
+
+    A flood of refused connections (a port scan, a misrouted burst) must not
+    flood the journal, which keeps what it is given on disk.
+    """
+
+    __slots__ = ("_loop", "_shown", "_window", "_count", "_suppressed", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, shown: int = REFUSALS_SHOWN,
+                 window: float = REFUSAL_WINDOW) -> None:
+        self._loop, self._shown, self._window = loop, shown, window
+        self._count = 0
+        self._suppressed = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def refused(self, cid: int, why: str, dest: Destination | None) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._window, self._end_window)
+        if self._count >= self._shown:
+            self._suppressed += 1
+            return
+        self._count += 1
+        log.warning("cid=%d refused: %s%s", cid, why, f" (to {dest})" if dest else "",
+                    extra={"cid": cid, "dest": dest, "reason": why})
+
+    def _end_window(self) -> None:
+        self._timer = None
+        self._count = 0
+        if self._suppressed:
+            log.warning("%d more refusals in the last %gs were not logged (at most %d are)",
+                        self._suppressed, self._window, self._shown)
+            self._suppressed = 0
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._end_window()
+
+
+class _Pending:
+    """A client whose upstream is being dialled."""
+
+    __slots__ = ("client", "dial")
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client = client
+        self.dial: Dial | None = None
 
 
 class Server:
@@ -56,7 +120,7 @@ class Server:
         self.counters = Counters()
         self.pool = PipePool()
         self.relays: set[Relay] = set()
-        self.handshakes: set[asyncio.Task[None]] = set()
+        self.pending: dict[int, _Pending] = {}  # by cid: clients whose upstream is being dialled
         self._own = {(_norm(s.getsockname()[0]), s.getsockname()[1]) for s in listeners}
         self._next_id = 0
         self._accepting = False
@@ -65,12 +129,14 @@ class Server:
         self._backoff = _BACKOFF_FIRST
         self._loop = asyncio.get_running_loop()
         self.poller = Poller(self._loop)
+        self.refusals = RefusalLog(self._loop)
         self._drained: asyncio.Event = asyncio.Event()
         self.apply(config)
 
     def apply(self, config: Config) -> None:
         """Take new routes and upstreams; open connections keep theirs."""
         self.config = config
+        self._log_connections = config.daemon.log_connections
         # An upstream that keeps its name and mode keeps its isolator (and its
         # secret), so a reload does not move every destination or user to new
         # Tor circuits.
@@ -123,72 +189,81 @@ class Server:
         if not self._accepting and not self._draining:
             self.start()
 
-    # -- one connection ----------------------------------------------------
+    # -- one connection, top to bottom -------------------------------------
 
     def _serve(self, client: socket.socket, peer: tuple[str, int]) -> None:
         self._next_id += 1
         cid = self._next_id
-        self.counters.total += 1
-        if self.counters.open >= self.config.daemon.max_connections:
+        counters = self.counters
+        counters.total += 1
+        config = self.config
+        if counters.open >= config.daemon.max_connections:
             self._refuse(client, cid, "too many connections (max_connections)")
             return
         try:
-            ip, port = original_destination(client, self.config.daemon.mode)
+            ip, port = original_destination(client, config.daemon.mode)
         except DestinationUnknown as e:
             self._refuse(client, cid, str(e))
             return
         dest = Destination(_norm(ip), port)
-        if (dest.ip, dest.port) in self._own or (port == self._listen_port() and _is_any(dest.ip)):
+        if self._not_redirected(client, dest):
             self._refuse(client, cid, "the destination is this daemon itself: "
                          "the connection was not redirected (loop guard)")
             return
-        upstream = self.config.upstream_for(port)
+        upstream = config.upstream_for(port)
         if upstream is None:
             self._refuse(client, cid, "no route for the destination port", dest)
             return
+        if client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            # It reset before we got to it: asking the upstream (with
+            # isolation = connection, building a Tor circuit) would be waste.
+            counters.gone += 1
+            self._refuse(client, cid, "the client reset the connection before it was relayed")
+            return
         client.setblocking(False)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.counters.open += 1
-        # Resolve the upstream and its isolator now: a SIGHUP reload may run before
-        # the task's first step and rename or remove them (open connections keep theirs).
-        isolator = self._isolators[upstream.name]
-        task = self._loop.create_task(self._open(cid, client, peer, dest, upstream, isolator))
-        self.handshakes.add(task)
-        task.add_done_callback(self._handshake_done)
-
-    def _handshake_done(self, task: asyncio.Task[None]) -> None:
-        self.handshakes.discard(task)
-        self._check_drained()
-
-    async def _open(self, cid: int, client: socket.socket, peer: tuple[str, int],
-                    dest: Destination, upstream: Upstream, isolator: Isolator) -> None:
-        name = upstream.name
-        uid = None
-        if isolator.mode is Isolation.USER and not upstream.username:
-            uid = client_uid(client.family, (_norm(peer[0]), peer[1]), (dest.ip, dest.port))
-        credentials = isolator.credentials(dest.ip, dest.port, uid)
-        started = time.monotonic()
         try:
-            sock, early = await open_upstream(upstream, dest.ip, dest.port, credentials)
+            machine = handshake_for(upstream, dest.ip, dest.port, self._isolation(upstream, client, peer, dest))
         except UpstreamError as e:
-            self.counters.open -= 1
-            self.counters.failed += 1
+            counters.failed += 1
             self._refuse(client, cid, str(e), dest, count=False)
             return
-        except asyncio.CancelledError:
-            self.counters.open -= 1
-            reset(client)
-            raise
-        except Exception as e:
-            # A bug must cost one connection, never the daemon; its text may
-            # quote values, so only the type is logged.
+        counters.open += 1
+        pending = self.pending[cid] = _Pending(client)
+        started, name = time.monotonic(), upstream.name
+        dial = Dial(self.poller, self._loop.call_later, upstream, machine,
+                    lambda sock, early, error: self._opened(cid, name, dest, started, sock, early, error))
+        if cid in self.pending:  # the dial may have failed at once, and said so already
+            pending.dial = dial
+
+    def _isolation(self, upstream: Upstream, client: socket.socket, peer: tuple[str, int],
+                   dest: Destination) -> tuple[str, str] | None:
+        """The isolation credentials for this connection: SOCKS5 without a configured user only."""
+        if upstream.type is not UpstreamType.SOCKS5 or upstream.username:
+            return None
+        isolator = self._isolators[upstream.name]
+        uid = None
+        if isolator.mode is Isolation.USER:
+            uid = client_uid(client.family, (_norm(peer[0]), peer[1]), (dest.ip, dest.port))
+        return isolator.credentials(dest.ip, dest.port, uid)
+
+    def _opened(self, cid: int, name: str, dest: Destination, started: float,
+                sock: socket.socket | None, early: bytes, error: UpstreamError | None) -> None:
+        pending = self.pending.pop(cid, None)
+        if pending is None:  # cancelled by the drain: the client is already reset
+            if sock is not None:
+                reset(sock)
+            return
+        client = pending.client
+        if sock is None:
             self.counters.open -= 1
             self.counters.failed += 1
-            self._refuse(client, cid, f"internal error ({type(e).__name__}) while opening the upstream",
-                         dest, count=False)
+            self._refuse(client, cid, str(error), dest, count=False)
+            self._check_drained()
             return
-        log.info("cid=%d open via %s to %s", cid, name, dest,
-                 extra={"cid": cid, "upstream": name, "dest": dest})
+        if self._log_connections:
+            log.info("cid=%d open via %s to %s", cid, name, dest,
+                     extra={"cid": cid, "upstream": name, "dest": dest})
         relay = Relay(self.poller, client, sock, self.pool,
                       lambda r, reason: self._closed(r, reason, cid, name, dest, started))
         self.relays.add(relay)
@@ -204,12 +279,28 @@ class Server:
         self.counters.open -= 1
         self.counters.bytes_up += relay.bytes_up
         self.counters.bytes_down += relay.bytes_down
-        duration = time.monotonic() - started
-        log.info("cid=%d close (%s) via %s to %s: %d bytes up, %d down, %.3fs",
-                 cid, reason, name, dest, relay.bytes_up, relay.bytes_down, duration,
-                 extra={"cid": cid, "upstream": name, "dest": dest, "bytes_up": relay.bytes_up,
-                        "bytes_down": relay.bytes_down, "duration": duration, "reason": reason})
+        if self._log_connections:
+            duration = time.monotonic() - started
+            log.info("cid=%d close (%s) via %s to %s: %d bytes up, %d down, %.3fs",
+                     cid, reason, name, dest, relay.bytes_up, relay.bytes_down, duration,
+                     extra={"cid": cid, "upstream": name, "dest": dest, "bytes_up": relay.bytes_up,
+                            "bytes_down": relay.bytes_down, "duration": duration, "reason": reason})
         self._check_drained()
+
+    def _not_redirected(self, client: socket.socket, dest: Destination) -> bool:
+        """The loop guard: was this connection meant for the daemon itself?
+
+        Under REDIRECT, a connection that no rule rewrote has the original
+        destination of its own local end: whatever ``listen`` says (a
+        wildcard, or an address of this host other than the one dialled),
+        that is exactly the case where relaying would come back to us.
+        Under TPROXY the local end always is the original destination, so
+        only the listeners' own addresses count.
+        """
+        if self.config.daemon.mode is RedirectMode.TPROXY:
+            return (dest.ip, dest.port) in self._own or (dest.port == self._listen_port() and _is_any(dest.ip))
+        here = client.getsockname()
+        return dest.port == here[1] and dest.ip == _norm(here[0])
 
     def _give_back(self) -> None:
         """Return the memory of a burst of connections once most have closed.
@@ -226,7 +317,7 @@ class Server:
 
     def _check_drained(self) -> None:
         # Only a drain ends this way: accepts paused by _back_off are not a drain.
-        if self._draining and not self.relays and not self.handshakes:
+        if self._draining and not self.relays and not self.pending:
             self._drained.set()
 
     def _refuse(self, client: socket.socket, cid: int, why: str, dest: Destination | None = None,
@@ -234,8 +325,7 @@ class Server:
         if count:
             self.counters.refused += 1
         reset(client)
-        log.warning("cid=%d refused: %s%s", cid, why, f" (to {dest})" if dest else "",
-                    extra={"cid": cid, "dest": dest, "reason": why})
+        self.refusals.refused(cid, why, dest)
 
     def _listen_port(self) -> int:
         return self.listeners[0].getsockname()[1] if self.listeners else self.config.daemon.port
@@ -263,17 +353,23 @@ class Server:
         self.stop_accepting()
         for sock in self.listeners:
             sock.close()
-        if self.relays or self.handshakes:
-            log.info("draining %d connections for up to %gs", len(self.relays) + len(self.handshakes), seconds)
+        if self.relays or self.pending:
+            log.info("draining %d connections for up to %gs", len(self.relays) + len(self.pending), seconds)
             try:
                 async with asyncio.timeout(seconds):
                     await self._drained.wait()
             except TimeoutError:
                 pass
-        for task in list(self.handshakes):
-            task.cancel()
+        for pending in list(self.pending.values()):
+            # A dial cut short: its client is reset and no longer counted as open.
+            if pending.dial is not None:
+                pending.dial.cancel()
+            reset(pending.client)
+            self.counters.open -= 1
+        self.pending.clear()
         for relay in list(self.relays):
             relay.abort("shutdown: drain time over")
+        self.refusals.close()
         self._drained.set()
 
 

@@ -1,158 +1,233 @@
-"""The one module that knows python-socks.
+"""Opening a connection through an upstream proxy, driven by readiness callbacks.
 
-python-socks (Debian's 2.0.3) does the SOCKS5, SOCKS4/4a and HTTP CONNECT
-handshakes. Two things are ours instead:
+A ``Dial`` owns one upstream socket from socket() to the open tunnel: a
+non-blocking connect, then the protocol's state machine (metaproxy.protocol),
+fed by reads that never ask for more than the machine wants, and one timer for
+connect_timeout. No task or coroutine per connection: a dial is a handful of
+callbacks on the relay's poller, the same one the relay uses afterwards.
 
-1. We open the socket to the upstream ourselves (TCP to an IP literal, or a
-   Unix socket for Tor's SocksPort), so python-socks never resolves a name.
-2. We hand it a stream whose reads stop exactly where the reply ends. Its own
-   stream reads the SOCKS5 bound address and the HTTP reply with one greedy
-   recv(65536), which swallows payload that arrives in the same segment as the
-   reply (an SSH or SMTP banner). ``_FramedStream`` keeps those bytes, and the
-   relay sends them to the client before anything else.
+1. The socket is ours: TCP to an IP literal, or a Unix socket for Tor's
+   SocksPort. Nothing is ever resolved.
+2. The outcome goes to ``on_done`` exactly once: the socket and the payload
+   that came with the reply, or an UpstreamError whose text names the upstream
+   and never the destination. ``cancel()`` ends a dial without calling it.
+3. Which machine and which credentials an upstream gets is decided here, in
+   ``handshake_for``: isolation credentials go to SOCKS5 only.
 """
 
 from __future__ import annotations
 
-import asyncio
+import errno
+import os
 import socket
-from typing import Any
-
-from python_socks import ProxyError, ProxyTimeoutError, ProxyType
-from python_socks.async_.asyncio.v2 import Proxy
+from typing import Any, Callable, Protocol
 
 from metaproxy.config.model import InetAddress, Upstream, UpstreamType
 from metaproxy.errors import UpstreamError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
-from metaproxy.protocol import framing
-from metaproxy.protocol.replies import describe
+from metaproxy.protocol.handshake import NEED_MORE, Done, Handshake, Refused, Send, Violation
+from metaproxy.protocol.http_connect import HttpConnect
+from metaproxy.protocol.socks4 import Socks4
+from metaproxy.protocol.socks5 import Socks5
 
-_RECV = 4096
-_TYPES = {UpstreamType.SOCKS5: ProxyType.SOCKS5, UpstreamType.SOCKS4: ProxyType.SOCKS4,
-          UpstreamType.SOCKS4A: ProxyType.SOCKS4, UpstreamType.HTTP: ProxyType.HTTP}
+OnDone = Callable[[socket.socket | None, bytes, UpstreamError | None], None]
 
 
-async def open_upstream(upstream: Upstream, dest_ip: str, dest_port: int,
-                        credentials: tuple[str, str] | None) -> tuple[socket.socket, bytes]:
-    """Connect through ``upstream`` to dest; return the socket and early payload.
+class Callbacks(Protocol):
+    """What a dial needs from its event source (the relay's Poller fits)."""
 
-    Raises an UpstreamError subclass whose text never names the destination.
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None: ...
+    def remove_reader(self, fd: int) -> object: ...
+    def add_writer(self, fd: int, callback: Callable[[], object]) -> None: ...
+    def remove_writer(self, fd: int) -> object: ...
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+CallLater = Callable[[float, Callable[[], object]], Timer]
+
+
+def handshake_for(upstream: Upstream, dest_ip: str, dest_port: int,
+                  isolation: tuple[str, str] | None) -> Handshake:
+    """The state machine for ``upstream``; UpstreamError if it cannot carry dest at all.
+
+    A configured username wins over isolation credentials, which only SOCKS5
+    (Tor's IsolateSOCKSAuth) receives.
     """
-    if ":" in dest_ip and upstream.type in (UpstreamType.SOCKS4, UpstreamType.SOCKS4A):
-        # SOCKS4 has room for an IPv4 address only; python-socks would try to
-        # resolve the literal, and the daemon never resolves anything.
-        raise UpstreamError(f"upstream {upstream.name} is {upstream.type.value}, which cannot carry an "
-                            "IPv6 destination; route IPv6 ports through a socks5 or http upstream")
-    loop = asyncio.get_running_loop()
+    configured = (upstream.username, upstream.password) if upstream.username else None
     try:
-        sock = _new_socket(upstream)
-    except OSError as e:
-        # Usually EMFILE: accept() took the last descriptor the limit allows.
-        raise UpstreamError(f"upstream {upstream.name}: cannot create a socket: {e.strerror or e} "
-                            "(raise LimitNOFILE, or lower max_connections)") from e
-    try:
-        async with asyncio.timeout(upstream.connect_timeout):
-            try:
-                await loop.sock_connect(sock, _sockaddr(upstream))
-            except OSError as e:
-                raise UpstreamError(f"upstream {upstream.name} ({upstream.address}) is unreachable: "
-                                    f"{e.strerror or e}; is the proxy running?") from e
-            stream = _FramedStream(loop, sock, upstream.type)
-            await _handshake(upstream, stream, dest_ip, dest_port, credentials)
-        return sock, stream.leftover()
-    except TimeoutError as e:
-        sock.close()
-        raise UpstreamTimeout(f"upstream {upstream.name} did not complete the handshake within "
-                              f"{upstream.connect_timeout:g}s (connect_timeout)") from e
-    except BaseException:
-        sock.close()
-        raise
+        if upstream.type is UpstreamType.SOCKS5:
+            return Socks5(dest_ip, dest_port, configured or isolation)
+        if upstream.type is UpstreamType.HTTP:
+            return HttpConnect(dest_ip, dest_port, configured)
+        if ":" in dest_ip:
+            raise UpstreamError(f"upstream {upstream.name} is {upstream.type.value}, which cannot carry "
+                                "an IPv6 destination; route IPv6 ports through a socks5 or http upstream")
+        return Socks4(dest_ip, dest_port, upstream.username)
+    except ValueError as e:  # a credential too long for the protocol: the config's fault
+        raise UpstreamError(f"upstream {upstream.name}: {e}; shorten it in the config") from e
 
 
-async def _handshake(upstream: Upstream, stream: "_FramedStream", dest_ip: str, dest_port: int,
-                     credentials: tuple[str, str] | None) -> None:
-    username, password = (upstream.username, upstream.password) if upstream.username else (credentials or ("", ""))
-    # python-socks uses the proxy host and port only in its messages: the socket is ours.
-    proxy = Proxy.create(_TYPES[upstream.type], "127.0.0.1", 0, username=username or None,
-                         password=password or None, rdns=upstream.type is UpstreamType.SOCKS4A)
-    try:
-        await proxy.connect(dest_ip, dest_port, timeout=upstream.connect_timeout, _stream=stream)
-    except ProxyError as e:
-        code = getattr(e, "error_code", None)
-        kind = {UpstreamType.SOCKS5: "socks5", UpstreamType.HTTP: "http"}.get(upstream.type, "socks4")
-        if isinstance(code, int):
-            raise UpstreamRefused(f"upstream {upstream.name} refused CONNECT: {describe(kind, code)}", code) from e
-        # Without a code, python-socks' texts are fixed strings and numbers (the
-        # one that would quote an HTTP status line cannot occur: read() checks it).
-        raise UpstreamProtocolError(f"upstream {upstream.name} failed the {upstream.type.value} "
-                                    f"handshake: {e}") from e
-    except framing.FramingError as e:
-        raise UpstreamProtocolError(f"upstream {upstream.name}: {e}") from e
-    except ProxyTimeoutError as e:
-        raise TimeoutError() from e
-    except (ConnectionError, EOFError, asyncio.IncompleteReadError) as e:
-        raise UpstreamProtocolError(f"upstream {upstream.name} closed the connection during the "
-                                    f"{upstream.type.value} handshake") from e
-    except OSError as e:
-        raise UpstreamError(f"upstream {upstream.name}: handshake failed: {e.strerror or e}") from e
+class Dial:
+    __slots__ = ("_callbacks", "_upstream", "_machine", "_on_done", "_sock", "_fd", "_timer",
+                 "_outbox", "_connected")
+
+    def __init__(self, callbacks: Callbacks, call_later: CallLater, upstream: Upstream,
+                 machine: Handshake, on_done: OnDone) -> None:
+        self._callbacks = callbacks
+        self._upstream = upstream
+        self._machine = machine
+        self._on_done: OnDone | None = on_done
+        self._outbox = b""
+        self._connected = False
+        try:
+            self._sock = _new_socket(upstream)
+        except OSError as e:
+            # Usually EMFILE: accept() took the last descriptor the limit allows.
+            self._on_done = None
+            on_done(None, b"", UpstreamError(f"upstream {upstream.name}: cannot create a socket: "
+                                             f"{e.strerror or e} (raise LimitNOFILE, or lower "
+                                             "max_connections)"))
+            return
+        self._fd = self._sock.fileno()
+        self._timer: Timer | None = call_later(upstream.connect_timeout, self._expire)
+        err = self._sock.connect_ex(_sockaddr(upstream))
+        if err == 0:
+            self._up()
+        elif err == errno.EINPROGRESS:
+            callbacks.add_writer(self._fd, self._connect_done)
+        else:
+            self._unreachable(err)
+
+    def cancel(self) -> None:
+        """Drop the dial (drain, or the client went away); on_done is not called."""
+        if self._on_done is not None:
+            self._on_done = None
+            self._close()
+
+    # -- connecting --------------------------------------------------------
+
+    def _connect_done(self) -> None:
+        self._callbacks.remove_writer(self._fd)
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._unreachable(err)
+        else:
+            self._up()
+
+    def _up(self) -> None:
+        self._connected = True
+        self._callbacks.add_reader(self._fd, self._readable)
+        self._send(self._machine.first())
+
+    def _unreachable(self, err: int) -> None:
+        u = self._upstream
+        if err in (errno.EACCES, errno.EPERM):
+            hint = ("a firewall rule refuses the daemon's connection to it" if isinstance(u.address, InetAddress)
+                    else "the service user may not connect to it; check the socket's owner, group and mode")
+        else:
+            hint = "is the proxy running?"
+        self._fail(UpstreamError(f"upstream {u.name} ({u.address}) is unreachable: {os.strerror(err)}; {hint}"))
+
+    # -- the handshake -----------------------------------------------------
+
+    def _readable(self) -> None:
+        machine = self._machine
+        try:
+            data = self._sock.recv(machine.want)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._fail(UpstreamError(f"upstream {self._upstream.name}: the {self._upstream.type.value} "
+                                     f"handshake failed: {e.strerror or e}"))
+            return
+        if not data:
+            self._fail(UpstreamProtocolError(f"upstream {self._upstream.name} closed the connection "
+                                             f"during the {self._upstream.type.value} handshake"))
+            return
+        try:
+            step = machine.receive(data)
+        except Refused as e:
+            self._fail(UpstreamRefused(f"upstream {self._upstream.name} refused CONNECT: {e.reason}", e.code))
+            return
+        except Violation as e:
+            self._fail(UpstreamProtocolError(f"upstream {self._upstream.name}: {e}"))
+            return
+        if step is NEED_MORE:
+            return
+        if isinstance(step, Send):
+            self._send(step.data)
+        elif isinstance(step, Done):
+            self._succeed(step.payload)
+
+    def _send(self, data: bytes) -> None:
+        """Handshake messages are small and the socket is new: a partial send is rare, but handled."""
+        data = self._outbox + data
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._fail(UpstreamError(f"upstream {self._upstream.name}: the {self._upstream.type.value} "
+                                     f"handshake failed: {e.strerror or e}"))
+            return
+        was_waiting = bool(self._outbox)
+        self._outbox = data[sent:]
+        if self._outbox and not was_waiting:
+            self._callbacks.add_writer(self._fd, self._flush)
+        elif not self._outbox and was_waiting:
+            self._callbacks.remove_writer(self._fd)
+
+    def _flush(self) -> None:
+        self._send(b"")
+
+    def _expire(self) -> None:
+        self._timer = None
+        stage = "complete the handshake" if self._connected else "accept the connection"
+        self._fail(UpstreamTimeout(f"upstream {self._upstream.name} did not {stage} within "
+                                   f"{self._upstream.connect_timeout:g}s (connect_timeout)"))
+
+    # -- the outcome -------------------------------------------------------
+
+    def _succeed(self, payload: bytes) -> None:
+        on_done = self._on_done
+        if on_done is None:
+            return
+        self._on_done = None
+        self._stop_watching()
+        on_done(self._sock, payload, None)
+
+    def _fail(self, error: UpstreamError) -> None:
+        on_done = self._on_done
+        if on_done is None:
+            return
+        self._on_done = None
+        self._close()
+        on_done(None, b"", error)
+
+    def _stop_watching(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._callbacks.remove_reader(self._fd)
+        self._callbacks.remove_writer(self._fd)
+
+    def _close(self) -> None:
+        self._stop_watching()
+        self._sock.close()
 
 
 def _new_socket(upstream: Upstream) -> socket.socket:
     if isinstance(upstream.address, InetAddress):
         family = socket.AF_INET6 if ":" in upstream.address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     else:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.setblocking(False)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     return sock
 
 
 def _sockaddr(upstream: Upstream) -> Any:
     a = upstream.address
     return (a.host, a.port) if isinstance(a, InetAddress) else a.path
-
-
-class _FramedStream:
-    """python-socks' stream interface, with reads that end where the reply ends."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, kind: UpstreamType) -> None:
-        self._loop, self._sock, self._kind = loop, sock, kind
-        self._buffer = bytearray()
-
-    async def write_all(self, data: bytes) -> None:
-        await self._loop.sock_sendall(self._sock, data)
-
-    async def read_exact(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            await self._fill()
-        return self._take(n)
-
-    async def read(self, max_bytes: int = 65536) -> bytes:
-        """python-socks calls this for the SOCKS5 bound address and the HTTP reply."""
-        if self._kind is UpstreamType.HTTP:
-            while (end := framing.http_reply_end(bytes(self._buffer))) is None:
-                await self._fill()
-            head = self._take(end)
-            framing.http_status(head)  # a malformed status line is ours to report
-            return head
-        while (need := framing.socks5_address_length(bytes(self._buffer[:2]))) is None \
-                or len(self._buffer) < need:
-            await self._fill()
-        return self._take(need)
-
-    async def close(self) -> None:
-        """python-socks calls this on failure; open_upstream closes the socket."""
-
-    def leftover(self) -> bytes:
-        return bytes(self._buffer)
-
-    async def _fill(self) -> None:
-        data = await self._loop.sock_recv(self._sock, _RECV)
-        if not data:
-            raise EOFError("the upstream closed the connection")
-        self._buffer += data
-
-    def _take(self, n: int) -> bytes:
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return out

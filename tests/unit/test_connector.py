@@ -1,8 +1,9 @@
-"""Upstream handshakes against scripted fake upstreams on loopback.
+"""Dialling upstreams (metaproxy.upstream.connector) against scripted fake upstreams on loopback.
 
 The fake reads what the daemon sends, then answers with the bytes a test
 scripts: replies that are right, truncated, wrong, huge, slow, or followed by
-payload. Every outcome is a socket with every payload byte, or a clean error.
+payload. The real Dial drives the real state machines on a real Poller. Every
+outcome is a socket with every payload byte, or a clean error.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 
 from metaproxy.config.model import InetAddress, Upstream, UpstreamType
 from metaproxy.errors import UpstreamError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
-from metaproxy.upstream.connector import open_upstream
+from metaproxy.relay.pump import Poller
+from metaproxy.upstream.connector import Dial, handshake_for
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 SOCKS5_OK = b"\x05\x00\x00\x01" + bytes([192, 0, 2, 2]) + b"\x04\x38"
@@ -41,6 +43,27 @@ async def run_against(script: Script, kind: UpstreamType = UpstreamType.SOCKS5, 
         return await open_upstream(upstream, *DEST, credentials=None)
     finally:
         server.close()
+
+
+async def open_upstream(upstream: Upstream, dest_ip: str, dest_port: int,
+                        credentials: tuple[str, str] | None) -> tuple[socket.socket, bytes]:
+    """One Dial, as the server runs it, as an awaitable for the tests."""
+    loop = asyncio.get_running_loop()
+    poller = Poller(loop)
+    done: asyncio.Future[tuple[socket.socket, bytes]] = loop.create_future()
+
+    def finished(sock: socket.socket | None, early: bytes, error: Exception | None) -> None:
+        if error is not None:
+            done.set_exception(error)
+        else:
+            assert sock is not None
+            done.set_result((sock, early))
+    try:
+        Dial(poller, loop.call_later, upstream, handshake_for(upstream, dest_ip, dest_port, credentials),
+             finished)
+        return await done
+    finally:
+        poller.close()
 
 
 def handshake(reply: bytes, *, greeting: bytes = b"\x05\x00", delay: float = 0.0) -> Script:
@@ -71,10 +94,16 @@ def run(coro: Awaitable[tuple[socket.socket, bytes]]) -> tuple[socket.socket, by
     return asyncio.run(asyncio.wait_for(coro, 10))  # type: ignore[arg-type]
 
 
-def test_socks5_payload_sent_with_the_reply_is_kept() -> None:
+def test_socks5_payload_sent_with_the_reply_is_left_for_the_relay() -> None:
+    """SOCKS5 replies are read exactly: the banner in the same segment is still in the socket."""
     sock, early = run(run_against(handshake(SOCKS5_OK + b"SSH-2.0-OpenSSH_9.2\r\n")))
-    sock.close()
-    assert early == b"SSH-2.0-OpenSSH_9.2\r\n"
+    sock.setblocking(True)
+    sock.settimeout(2)
+    try:
+        assert early == b""
+        assert sock.recv(100) == b"SSH-2.0-OpenSSH_9.2\r\n"
+    finally:
+        sock.close()
 
 
 def test_socks5_reply_byte_by_byte_is_framed_exactly() -> None:
@@ -109,7 +138,6 @@ def test_http_refusal_is_named() -> None:
     handshake(b"\x05\x00"),                      # truncated reply, then close
     handshake(SOCKS5_OK, greeting=b"\x04\x00"),  # wrong version
     handshake(b"\x05\x00\x00\x09" + bytes(6)),   # unknown address type
-    handshake(b"", greeting=b"\x05\xff"),        # no acceptable method
 ])
 def test_socks5_broken_replies_are_protocol_errors(script: Script) -> None:
     with pytest.raises(UpstreamProtocolError):
@@ -124,6 +152,11 @@ def test_socks5_broken_replies_are_protocol_errors(script: Script) -> None:
 def test_http_broken_replies_are_protocol_errors(reply: bytes) -> None:
     with pytest.raises(UpstreamProtocolError):
         run(run_against(http(reply), UpstreamType.HTTP))
+
+
+def test_no_acceptable_method_is_a_refusal() -> None:
+    with pytest.raises(UpstreamRefused, match="none of the offered authentication methods"):
+        run(run_against(handshake(b"", greeting=b"\x05\xff")))
 
 
 def test_silent_upstream_hits_the_connect_timeout() -> None:
