@@ -77,12 +77,12 @@ class Reader:
         return data
 
 
-def ip_literal(text: str) -> str:
+def ip_literal(text: str, refusal: bytes) -> str:
     """The address, if text is an IP literal; this peer never resolves names."""
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        raise Refused(b"", f"not an IP literal: {text!r}") from None
+        raise Refused(refusal, f"not an IP literal: {text!r}") from None
 
 
 def connect(host: str, port: int) -> socket.socket:
@@ -126,7 +126,7 @@ def socks5(reader: Reader, client: socket.socket) -> tuple[socket.socket, bytes,
     if version != 5 or command != 1:
         raise Refused(b"\x05\x07\x00\x01" + bytes(6), f"version {version} command {command}")
     try:
-        dest = connect(ip_literal(host), port)
+        dest = connect(ip_literal(host, b"\x05\x04\x00\x01" + bytes(6)), port)
     except OSError as e:
         raise Refused(b"\x05\x05\x00\x01" + bytes(6), f"connect {host} {port}: {e}") from e
     # The reply names the address we connect from, as real servers do: 10 bytes
@@ -152,7 +152,7 @@ def socks4(reader: Reader, client: socket.socket) -> tuple[socket.socket, bytes,
     if command != 1:
         raise Refused(b"\x00\x5b" + bytes(6), f"{kind} command {command}")
     try:
-        dest = connect(ip_literal(host), port)
+        dest = connect(ip_literal(host, b"\x00\x5b" + bytes(6)), port)
     except OSError as e:
         raise Refused(b"\x00\x5b" + bytes(6), f"connect {host} {port}: {e}") from e
     return dest, b"\x00\x5a" + struct.pack("!H", port) + bytes(4), f"{kind} CONNECT {host} {port}"
@@ -176,7 +176,7 @@ def http(reader: Reader, client: socket.socket) -> tuple[socket.socket, bytes, s
     if not port_text.isdigit():
         raise Refused(b"HTTP/1.1 400 Bad Request\r\n\r\n", f"{line!r}: 400 bad port")
     try:
-        dest = connect(ip_literal(host), int(port_text))
+        dest = connect(ip_literal(host, b"HTTP/1.1 400 Bad Request\r\n\r\n"), int(port_text))
     except OSError as e:
         raise Refused(b"HTTP/1.1 502 Bad Gateway\r\n\r\n", f"connect {authority}: {e}") from e
     return dest, b"HTTP/1.1 200 Connection established\r\n\r\n", f"http {line}"

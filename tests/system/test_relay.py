@@ -65,10 +65,11 @@ def test_upstream_credentials_are_checked_by_the_peer(world: World, relay: Daemo
     assert f"CONNECT {WEB4}:{UPSTREAMS['http'][0]}" in world.gateway.tinyproxy_log.read_text()
 
 
-def _squid_request_lines(world: World, mark: int) -> list[str]:
-    """Request lines as squid read them off the wire (debug section 11,2 in cache.log)."""
+def _squid_requests(world: World, mark: int) -> list[list[str]]:
+    """Each request after mark as squid read it off the wire (debug section 11,2 in
+    cache.log): its request line, then its header lines."""
     text = world.gateway.squid_cache_log.read_text(errors="replace")[mark:]
-    return re.findall(r"HTTP Client REQUEST:\n-+\n([^\n]*)\n", text)
+    return [block.split("\n") for block in re.findall(r"HTTP Client REQUEST:\n-+\n(.*?)\n\n", text, re.DOTALL)]
 
 
 def _squid_access_line(world: World, mark: int, needle: str, timeout: float = 5) -> str:
@@ -89,17 +90,22 @@ def test_squid_gets_authority_form_connect_with_basic_auth(world: World, relay: 
                                                            family: str, client: str) -> None:
     """squid, which parses the CONNECT authority strictly and checks Basic auth, receives
     ``CONNECT 198.51.100.2:port`` for an IPv4 destination and the bracketed
-    ``CONNECT [2001:db8:2::2]:port`` (RFC 9110 authority-form) for an IPv6 one, tunnels it
-    for the configured user, and the page arrives."""
+    ``CONNECT [2001:db8:2::2]:port`` (RFC 9110 authority-form) for an IPv6 one, with a Host
+    header that matches and nothing that names Python or a library; it tunnels it for the
+    configured user, and the page arrives."""
     port = UPSTREAMS["squid"][0]
     authority = f"{url_host(WEB[family])}:{port}"
     cache_mark = len(world.gateway.squid_cache_log.read_text(errors="replace"))
     access_mark = len(world.gateway.squid_access_log.read_text(errors="replace"))
     fetch = clients.curl if client == "curl" else clients.wget
     got = fetch(world.client, clients.url(WEB[family], port, "/index.html"))
-    lines = _squid_request_lines(world, cache_mark)
-    assert f"CONNECT {authority} HTTP/1.1" in lines, (
-        f"squid read {lines}, expected the request line CONNECT {authority} HTTP/1.1")
+    requests = _squid_requests(world, cache_mark)
+    assert [r[0] for r in requests] == [f"CONNECT {authority} HTTP/1.1"], (
+        f"squid read {requests}, expected one request line CONNECT {authority} HTTP/1.1")
+    headers = requests[0][1:]
+    assert f"Host: {authority}" in headers, headers
+    fingerprints = [h for h in headers if re.search(r"python|socks", h, re.IGNORECASE)]
+    assert not fingerprints, f"headers that name Python or a library on every CONNECT: {fingerprints}"
     assert got.ok, f"{client} via squid ({family}) failed: {got.stderr}\ndaemon:\n{relay.log()[-3000:]}"
     assert got.body.decode() == peers.INDEX
     line = _squid_access_line(world, access_mark, f"CONNECT {authority} ")
