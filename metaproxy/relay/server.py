@@ -6,10 +6,10 @@ One connection, top to bottom (``_serve``, then ``_opened``):
 2. recover the original destination (metaproxy.kernel); refuse if unknown;
 3. refuse a connection that was never redirected (the loop guard);
 4. pick the upstream by destination port; refuse a port with no route;
-5. skip a client that is already gone (it reset before we got to it);
-6. dial the upstream: connect and handshake, driven by callbacks on the
-   relay's poller (metaproxy.upstream.connector), with the isolation
-   credentials of the upstream's isolator;
+5. choose the handshake and the isolation credentials of the upstream's isolator;
+6. skip a client that is already gone (it reset before we got to it);
+   otherwise dial the upstream: connect and handshake, driven by callbacks
+   on the relay's poller (metaproxy.upstream.connector);
 7. hand both sockets to a ``Relay``, with the payload that came with the reply.
 
 A refusal is a TCP RST, so that the application fails at once instead of
@@ -214,6 +214,14 @@ class Server:
         if upstream is None:
             self._refuse(client, cid, "no route for the destination port", dest)
             return
+        try:
+            machine = handshake_for(upstream, dest.ip, dest.port, self._isolation(upstream, client, peer, dest))
+        except UpstreamError as e:
+            counters.failed += 1
+            self._refuse(client, cid, str(e), dest, count=False)
+            return
+        # After the owner lookup: had the client reset and another user's new
+        # socket taken its 4-tuple, this catches it too.
         if client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
             # It reset before we got to it: asking the upstream (with
             # isolation = connection, building a Tor circuit) would be waste.
@@ -222,12 +230,6 @@ class Server:
             return
         client.setblocking(False)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            machine = handshake_for(upstream, dest.ip, dest.port, self._isolation(upstream, client, peer, dest))
-        except UpstreamError as e:
-            counters.failed += 1
-            self._refuse(client, cid, str(e), dest, count=False)
-            return
         counters.open += 1
         pending = self.pending[cid] = _Pending(client)
         started, name = time.monotonic(), upstream.name
