@@ -90,7 +90,12 @@ def _greeted_then_echoed(world: World, relay: Daemon, upstream: str, family: str
         sock.sendall(b"ping\n")
         assert _read_exactly(sock, 5) == b"ping\n", _evidence(world, relay, upstream)
         sock.shutdown(socket.SHUT_WR)
-        assert _read_to_eof(sock) == b"", "bytes after the echo: the reply or banner came twice"
+        try:
+            rest = _read_to_eof(sock)
+        except socket.timeout:
+            raise AssertionError(f"no EOF after our half-close via {upstream} ({family})\n"
+                                 f"{_evidence(world, relay, upstream)}") from None
+        assert rest == b"", f"bytes after the echo: the reply or banner came twice: {rest!r}"
     finally:
         sock.close()
 
