@@ -106,7 +106,8 @@ def _reload(server: Server, port_override: int | None = None) -> None:
     # Listeners, user and sandbox stay as started.
     daemon = dataclasses.replace(old.daemon, max_connections=new.daemon.max_connections,
                                  idle_timeout=new.daemon.idle_timeout, drain_timeout=new.daemon.drain_timeout,
-                                 connect_timeout=new.daemon.connect_timeout)
+                                 connect_timeout=new.daemon.connect_timeout,
+                                 log_connections=new.daemon.log_connections)
     server.apply(dataclasses.replace(new, daemon=daemon))
     log.info("reloaded routes and upstreams from %s", old.source)
 

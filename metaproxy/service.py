@@ -61,8 +61,9 @@ class Supervisor:
 
     def log_counters(self) -> None:
         c = self.server.counters
-        log.info("counters: %s; %d bytes up, %d bytes down; %d pipes in use",
-                 c.status(), c.bytes_up, c.bytes_down, self.server.pool.in_use)
+        log.info("counters: %s; %d bytes up, %d bytes down; %d pipes in use; "
+                 "%d clients gone before their upstream was asked",
+                 c.status(), c.bytes_up, c.bytes_down, self.server.pool.in_use, c.gone)
 
     def stopping(self) -> None:
         self._send("STOPPING=1\nSTATUS=draining: " + self.server.counters.status())

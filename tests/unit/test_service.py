@@ -169,13 +169,13 @@ def test_outside_systemd_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_sigusr1_line_has_every_counter(caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        server = fake_server(open=1, total=10, refused=2, failed=3, bytes_up=100, bytes_down=2000)
+        server = fake_server(open=1, total=10, refused=2, failed=3, gone=1, bytes_up=100, bytes_down=2000)
         service.Supervisor(server, reload=lambda: None).log_counters()
     with caplog.at_level(logging.INFO, logger="metaproxy"):
         run(body)
     assert caplog.records[-1].getMessage() == (
         "counters: 1 open, 10 total, 2 refused, 3 upstream failures; 100 bytes up, 2000 bytes down; "
-        "3 pipes in use")
+        "3 pipes in use; 1 clients gone before their upstream was asked")
 
 
 def test_notify_needs_only_af_unix_sockets_under_a_filter(notify: socket.socket) -> None:
