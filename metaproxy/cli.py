@@ -5,18 +5,28 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 from metaproxy import __version__
 from metaproxy.config import Config, load, replace_port
 from metaproxy.config.legacy import equivalent_text
-from metaproxy.errors import EX_CONFIG, ConfigError, MetaproxyError
+from metaproxy.errors import EX_CONFIG, EX_USAGE, ConfigError, MetaproxyError
 
 DEFAULT_CONFIG = "/etc/subgraph_metaproxy.conf"
 log = logging.getLogger("metaproxy")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error exits 64 (EX_USAGE), as the man page,
+    docs/CONTRACTS.md and the unit's RestartPreventExitStatus say, not 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="subgraph_metaproxy",
         description="Relay netfilter-redirected TCP connections through SOCKS and HTTP CONNECT proxies.")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="FILE",
@@ -57,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
-        if not args.test_config:
+        if not args.test_config and not args.print_rules:
             print(f"subgraph_metaproxy: not starting; check the file with: subgraph_metaproxy -t -c {args.config}",
                   file=sys.stderr)
         return EX_CONFIG
     if args.port:
         config = replace_port(config, args.port)
     if args.test_config:
-        return _print_table(config)
+        return _check(config)
     if args.print_rules:
         return _print_rules(config, args.print_rules, strict=args.strict, unload=args.unload)
 
@@ -80,6 +90,26 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 0
+
+
+def _check(config: Config) -> int:
+    """-t: every check that a consumer of the file runs, then the table.
+
+    The loader checks what it can with file:line. The firewall rules are then
+    planned in both modes, so that nothing ``--print-rules`` (and so
+    metaproxy-firewall.service) would refuse can pass ``-t``.
+    """
+    from metaproxy.firewall import plan_for
+    try:
+        for strict in (False, True):
+            plan_for(config, strict=strict)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    for warning in config.warnings():
+        print(warning, file=sys.stderr)
+    return _print_table(config)
 
 
 def _print_table(config: Config) -> int:

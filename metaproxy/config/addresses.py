@@ -1,4 +1,4 @@
-"""Parsing of the address forms the config accepts. Pure functions.
+"""Parsing of the address and name forms the config accepts. Pure functions.
 
 Only IP literals are accepted, never host names: the daemon must never resolve
 a name, because a lookup outside the proxy would leak.
@@ -7,6 +7,7 @@ a name, because a lookup outside the proxy would leak.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from metaproxy.config.model import InetAddress, UnixAddress
 
@@ -45,6 +46,20 @@ def parse_port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise ValueError(f"the port {port} is out of range 1-65535")
     return port
+
+
+# Debian's NAME_REGEX for system users, a little wider (upper case, '.'), or a
+# numeric uid: the same rule as metaproxy/firewall/plan.py, which pastes the
+# names into rule text (tests/unit/test_config_checks.py keeps the two in step).
+# Bounded, one way to match: it cannot backtrack far.
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+USER_NAME_RULE = "a user name (letters, digits, '_', '.', '-', at most 32 of them) or a numeric uid"
+
+
+def is_user_name(text: str) -> bool:
+    return _USER_NAME.fullmatch(text) is not None
 
 
 def parse_listen_ip(text: str) -> str:

@@ -7,13 +7,18 @@ one line each: file, line, section, key, what was expected and what was found.
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from typing import Any
 
 import configobj
 import validate
 
 from metaproxy.config import legacy
-from metaproxy.config.addresses import parse_inet, parse_listen_ip, parse_port, parse_upstream_address
+from metaproxy.config import syntax
+from metaproxy.config.addresses import (
+    USER_NAME_RULE, is_user_name, parse_inet, parse_listen_ip, parse_port, parse_upstream_address,
+)
 from metaproxy.config.lines import LineIndex
 from metaproxy.config.model import (
     Config, DaemonSettings, FirewallSettings, Isolation, PortRange, RedirectMode,
@@ -27,13 +32,7 @@ MAX_CONFIG_BYTES = 1 << 20
 
 def load(path: str) -> Config:
     """Read and validate ``path``. Raises ConfigError listing every problem."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read the config file: {e.strerror}"]) from e
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError([f"{path}: the config file is larger than {MAX_CONFIG_BYTES} bytes"])
+    raw = read_regular_file(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -43,18 +42,61 @@ def load(path: str) -> Config:
     return parse_configobj(path, text)
 
 
-def parse_configobj(path: str, text: str) -> Config:
-    lines = LineIndex(text)
-    problems = _Problems(path, lines)
+def read_regular_file(path: str) -> bytes:
+    """The bytes of ``path``, which must be a regular file of at most MAX_CONFIG_BYTES.
+
+    1. ``os.stat`` first: a FIFO, a device or a directory is refused before it
+       is opened at all, because opening one may block (a FIFO waits for a
+       writer) or act on the device.
+    2. Then ``O_NONBLOCK`` and ``fstat`` on what was actually opened, in case
+       the path was replaced between the two calls: the open cannot block,
+       and a non-regular file is still refused.
+    """
     try:
-        obj = configobj.ConfigObj(text.splitlines(), configspec=CONFIGSPEC.splitlines(),
-                                  interpolation=False, list_values=True, file_error=True,
-                                  raise_errors=False)
-    except configobj.ConfigObjError as e:
-        for err in getattr(e, "errors", []) or [e]:
-            line = getattr(err, "line_number", None)
-            problems.raw(line, f"syntax error: {_configobj_message(err)}")
-        raise ConfigError(problems.items) from e
+        _require_regular(path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the config file: {e.strerror}"]) from e
+    try:
+        _require_regular(path, os.fstat(fd).st_mode)
+        chunks, size = [], 0
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the config file: {e.strerror}"]) from e
+    finally:
+        os.close(fd)
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{path}: the config file is larger than {MAX_CONFIG_BYTES} bytes"])
+    return b"".join(chunks)
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _require_regular(path: str, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    raise ConfigError([f"{path}: expected the config as a regular file, found {kind}"])
+
+
+def parse_configobj(path: str, text: str) -> Config:
+    parsed = syntax.parse(text)
+    problems = _Problems(path, parsed.lines)
+    for line, message in parsed.problems:
+        problems.raw(line, f"syntax error: {message}")
+    if problems.items:
+        raise ConfigError(problems.items)
+    # The tree is already parsed: ConfigObj only applies the configspec to it.
+    obj = configobj.ConfigObj(parsed.tree, configspec=CONFIGSPEC.splitlines(), interpolation=False)
 
     result = obj.validate(validate.Validator({"string_list": _string_list}), preserve_errors=True)
     for sections, key, error in configobj.flatten_errors(obj, result):
@@ -88,8 +130,10 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
         listen=tuple(listen), port=d["port"], mode=RedirectMode(d["mode"]), user=d["user"],
         max_connections=d["max_connections"], idle_timeout=d["idle_timeout"],
         connect_timeout=d["connect_timeout"], drain_timeout=d["drain_timeout"],
-        log_destinations=d["log_destinations"], seccomp=SeccompAction(d["seccomp"]),
+        log_destinations=d["log_destinations"], log_connections=d["log_connections"],
+        seccomp=SeccompAction(d["seccomp"]),
     )
+    _user_name(("daemon",), "user", d["user"], problems)
     upstreams = {}
     for name, section in obj["upstreams"].items():
         if not isinstance(section, dict):
@@ -106,10 +150,18 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
             dns = parse_inet(obj["firewall"]["dns"])
         except ValueError as e:
             problems.add(("firewall",), "dns", EXPECTED["dns"], str(e))
+    for user in obj["firewall"]["exempt_users"]:
+        _user_name(("firewall",), "exempt_users", user, problems)
     if problems.items:
         raise ConfigError(problems.items)
     return Config(source=path, daemon=daemon, upstreams=upstreams, routes=routes,
                   firewall=FirewallSettings(dns=dns, exempt_users=tuple(obj["firewall"]["exempt_users"])))
+
+
+def _user_name(where: tuple[str, ...], key: str, name: str, problems: "_Problems") -> None:
+    """The firewall pastes these names into rules (``--uid-owner``), so -t checks them as it will."""
+    if not is_user_name(name):
+        problems.add(where, key, USER_NAME_RULE, repr(name))
 
 
 def _upstream(name: str, s: Any, default_timeout: float, problems: "_Problems") -> Upstream | None:
@@ -126,6 +178,10 @@ def _upstream(name: str, s: Any, default_timeout: float, problems: "_Problems") 
         return None
     if s["password"] and not s["username"]:
         problems.add(where, "username", "a username, since a password is set", "nothing")
+    if s["username"] and not s["password"] and kind in (UpstreamType.SOCKS5, UpstreamType.HTTP):
+        # Not a silent "no auth" (and no isolation) on every connection: both or neither.
+        problems.add(where, "username", f"a password with it ({kind.value} sends the two together)",
+                     "a username without a password")
     # The handshake would fail on every connection: SOCKS sends credentials as
     # ASCII (python-socks encodes them so), and HTTP Basic joins user:password.
     for key in ("username", "password"):
@@ -215,13 +271,6 @@ def _found(obj: Any, sections: Any, key: str) -> str:
     if isinstance(value, list):
         return repr(", ".join(value))
     return repr(value)
-
-
-def _configobj_message(err: Exception) -> str:
-    msg = str(err)
-    # configobj appends ' at line N.'; the line is printed in front already.
-    head, sep, _ = msg.partition(' at line "')
-    return (head if sep else msg).rstrip(".")
 
 
 class _Problems:

@@ -127,6 +127,10 @@ class DaemonSettings:
     connect_timeout: float = 10.0
     drain_timeout: float = 10.0
     log_destinations: bool = False
+    # Per-connection open/close lines (scrubbed unless log_destinations). Off by
+    # default: when connections happen and how many bytes they move are
+    # traffic-analysis material, and the journal keeps them on disk.
+    log_connections: bool = False
     seccomp: SeccompAction = SeccompAction.KILL
 
 
@@ -150,6 +154,12 @@ class Config:
     def upstream_for(self, port: int) -> Upstream | None:
         name = self.routes.lookup(port)
         return None if name is None else self.upstreams[name]
+
+    def warnings(self) -> list[str]:
+        """What is valid but almost certainly not meant; ``-t`` prints these."""
+        if not self.routes.names():
+            return [f"{self.source}: warning: [routes] is empty: every connection will be refused"]
+        return []
 
     def relay_table(self) -> list[str]:
         """The effective table, one line per route, as ``-t`` prints it."""

@@ -15,6 +15,7 @@ idle_timeout = float(0, 604800, default=900)
 connect_timeout = float(0.1, 600, default=10)
 drain_timeout = float(0, 3600, default=10)
 log_destinations = boolean(default=False)
+log_connections = boolean(default=False)
 seccomp = option('kill', 'log', 'trap', 'off', default='kill')
 
 [upstreams]
@@ -45,6 +46,7 @@ EXPECTED = {
     "connect_timeout": "seconds, from 0.1 to 600",
     "drain_timeout": "seconds, from 0 to 3600",
     "log_destinations": "yes or no",
+    "log_connections": "yes or no",
     "seccomp": "one of kill, log, trap, off",
     "type": "one of socks5, socks4, socks4a, http",
     "address": "ip:port, [ipv6]:port or unix:/path",

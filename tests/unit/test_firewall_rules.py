@@ -275,7 +275,8 @@ def test_the_service_user_is_checked_too(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "u.conf"
     path.write_text('[daemon]\nuser = "a b"\n[upstreams]\n    [[t]]\n    type = socks5\n'
                     "    address = 127.0.0.1:9050\n[routes]\n* = t\n")
-    with pytest.raises(ConfigError, match=r"u\.conf: \[daemon\] user: expected a user name"):
+    # The loader checks it now, so the error names the line (issue 11, item 8).
+    with pytest.raises(ConfigError, match=r"u\.conf:2: \[daemon\] user: expected a user name"):
         render(load(str(path)), "iptables", strict=False)
 
 

@@ -37,6 +37,8 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                                        HealthCheck.data_too_large])
 ASCII_WORD = st.lists(st.sampled_from("abcdefghijklmnopqrstuvwxyzABCXYZ0123456789_-."), min_size=1,
                       max_size=24).map("".join)
+# A user name as the firewall rules accept it: no leading '-' or '.'.
+USER_NAME = st.tuples(st.sampled_from("abcxyz_0123456789"), ASCII_WORD).map(lambda t: (t[0] + t[1])[:32])
 NAMES = ["tor", "dante", "web", "u1", "http_proxy", "Socks-2", "x"]
 
 
@@ -104,7 +106,8 @@ def upstream_body(draw: st.DrawFn) -> list[str]:
     lines = [f"type = {kind}", f"address = {address}"]
     if draw(st.booleans()):
         lines.append(f"username = {draw(ASCII_WORD)}")
-        if kind in ("socks5", "http") and draw(st.booleans()):
+        # socks5 and http need both or neither (issue 10); socks4 has a user id only.
+        if kind in ("socks5", "http"):
             lines.append(f"password = {draw(ASCII_WORD)}")
     if draw(st.booleans()):
         lines.append(f"isolation = {draw(st.sampled_from(['connection', 'destination', 'user', 'none']))}")
@@ -119,12 +122,13 @@ def daemon_lines(draw: st.DrawFn) -> list[str]:
         "listen": st.lists(st.one_of(ipv4(), ipv6()), min_size=1, max_size=3).map(", ".join),
         "port": port().map(str),
         "mode": st.sampled_from(["redirect", "tproxy"]),
-        "user": ASCII_WORD,
+        "user": USER_NAME,
         "max_connections": st.integers(1, 1_000_000).map(str),
         "idle_timeout": st.integers(0, 604800).map(str),
         "connect_timeout": st.integers(1, 600).map(str),
         "drain_timeout": st.integers(0, 3600).map(str),
         "log_destinations": st.sampled_from(["yes", "no", "true", "false", "on", "off"]),
+        "log_connections": st.sampled_from(["yes", "no", "true", "false", "on", "off"]),
         "seccomp": st.sampled_from(["kill", "log", "trap", "off"]),
     }
     keys = draw(st.lists(st.sampled_from(sorted(choices)), unique=True))
