@@ -94,8 +94,8 @@ class RefusalLog:
         self._timer = None
         self._count = 0
         if self._suppressed:
-            log.warning("%d more refusals in the last %gs were not logged (at most %d are)",
-                        self._suppressed, self._window, self._shown)
+            log.warning("%d more refusals in the last %gs were not logged (the limit is %d per %gs)",
+                        self._suppressed, self._window, self._shown, self._window)
             self._suppressed = 0
 
     def close(self) -> None:
