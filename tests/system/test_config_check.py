@@ -12,8 +12,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.system.daemon import check_config
-from tests.system.lab import REPO
+from tests.system.daemon import check_config, metaproxy_argv
+from tests.system.lab import REPO, clean_env, run
 from tests.system.topology import UPSTREAMS, shared_config
 
 EX_CONFIG = 78
@@ -100,3 +100,72 @@ def test_missing_file_exits_78_naming_it(conf_dir: Path) -> None:
     code, _, err = check_config(path)
     assert code == EX_CONFIG, err
     assert str(path) in err and "Traceback" not in err, err
+
+
+# ---- issue 11, items 6-9, and issue 10, through the real entry point --------------------
+
+EX_USAGE = 64
+
+
+def test_pathological_lines_are_reported_at_once(conf_dir: Path) -> None:
+    """2,000 spaces then x took 5.4 s, [ then 2,000 spaces 13.7 s; now both are one syntax
+    error each, with their lines, well inside the check's timeout."""
+    path = _write(conf_dir, "slow.conf", " " * 2000 + "x\n" + "[" + " " * 2000 + "\n")
+    code, _, err = check_config(path, timeout=10)
+    assert code == EX_CONFIG, err
+    assert [line.split(": ")[0] for line in err.splitlines()] == [f"{path}:1", f"{path}:2"], err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_config_that_is_not_a_regular_file_is_refused_in_one_line(conf_dir: Path, kind: str) -> None:
+    """A FIFO that nobody writes to used to block -t (and ExecStartPre) forever."""
+    path = conf_dir / f"{kind}.conf"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/null")
+    code, out, err = check_config(path, timeout=10)
+    assert (code, out) == (EX_CONFIG, ""), err
+    assert len(err.splitlines()) == 1 and "expected the config as a regular file" in err, err
+
+
+def test_a_config_without_routes_passes_with_a_warning(conf_dir: Path) -> None:
+    path = _write(conf_dir, "noroutes.conf", "[upstreams]\n    [[tor]]\n    type = socks5\n"
+                                             "    address = 127.0.0.1:9050\n")
+    code, out, err = check_config(path)
+    assert code == 0 and "configuration OK" in out, err
+    assert "every connection will be refused" in err, err
+
+
+@pytest.mark.parametrize("mode", [["-t"], ["--print-rules", "iptables"]], ids=["t", "print-rules"])
+def test_exempt_users_the_rules_refuse_fail_t_and_print_rules_with_the_line(conf_dir: Path,
+                                                                           mode: list[str]) -> None:
+    """``exempt_users = "debian tor"`` passed -t but failed --print-rules, without a line."""
+    path = _write(conf_dir, "exempt.conf", "[upstreams]\n    [[tor]]\n    type = socks5\n"
+                                           "    address = 127.0.0.1:9050\n[routes]\n* = tor\n"
+                                           '[firewall]\nexempt_users = "debian tor"\n')
+    proc = run(metaproxy_argv([*mode, "-c", str(path)]), check=False, timeout=20, cwd=REPO,
+               env=clean_env(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1"))
+    err = proc.stderr.decode(errors="replace")
+    assert (proc.returncode, proc.stdout) == (EX_CONFIG, b""), err
+    assert err.startswith(f"{path}:8: [firewall] exempt_users:"), err
+
+
+@pytest.mark.parametrize("kind", ["socks5", "http"])
+def test_a_username_without_a_password_fails_t_with_the_line(conf_dir: Path, kind: str) -> None:
+    path = _write(conf_dir, "user.conf", f"[upstreams]\n    [[up]]\n    type = {kind}\n"
+                                         "    address = 127.0.0.1:1080\n    username = alice\n[routes]\n* = up\n")
+    code, _, err = check_config(path)
+    assert code == EX_CONFIG and err.startswith(f"{path}:5: [upstreams][[up]] username:"), err
+
+
+@pytest.mark.parametrize("args", [["-p", "0"], ["-p", "65536"], ["--no-such-option"], ["--strict"]],
+                         ids=["port-0", "port-65536", "unknown", "strict-alone"])
+def test_usage_errors_exit_64_with_argparses_message(args: list[str]) -> None:
+    proc = run(metaproxy_argv(["-t", *args]), check=False, timeout=20, cwd=REPO,
+               env=clean_env(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1"))
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == EX_USAGE, err
+    assert err.startswith("usage: subgraph_metaproxy") and "subgraph_metaproxy: error: " in err, err
