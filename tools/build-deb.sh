@@ -48,7 +48,7 @@ mkdir "$src"
 # The working tree as it is, less VCS data, caches and earlier output.
 tar -C "$top" -cf - \
     --exclude=./.git --exclude=./build --exclude=./.pybuild \
-    --exclude=__pycache__ --exclude=.mypy_cache --exclude=.pytest_cache \
+    --exclude=__pycache__ --exclude=.mypy_cache --exclude=.pytest_cache --exclude=.hypothesis \
     --exclude='*.egg-info' . | tar -C "$src" -xf -
 
 # The source package first, from the clean copy (native: one .tar.xz), so
