@@ -35,7 +35,8 @@ from metaproxy.kernel.peer_owner import client_uid
 from metaproxy.privacy import Destination
 from metaproxy.protocol.isolation import Isolator
 from metaproxy.relay.pipes import PipePool
-from metaproxy.relay.pump import Poller, Relay, reset
+from metaproxy.relay.poller import Poller
+from metaproxy.relay.pump import Relay, reset
 from metaproxy.upstream.connector import Dial, handshake_for
 
 log = logging.getLogger("metaproxy.relay")

@@ -16,7 +16,7 @@ import pytest
 
 from metaproxy.config.model import InetAddress, Upstream, UpstreamType
 from metaproxy.errors import UpstreamError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
-from metaproxy.relay.pump import Poller
+from metaproxy.relay.poller import Poller
 from metaproxy.upstream.connector import Dial, handshake_for
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

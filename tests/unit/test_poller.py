@@ -1,4 +1,4 @@
-"""The relay's own epoll (pump.Poller): callbacks as asyncio's add_reader would call them."""
+"""The relay's own epoll (relay.poller.Poller): callbacks as asyncio's add_reader would call them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import socket
 from typing import Any, Awaitable, Callable
 
-from metaproxy.relay.pump import Poller
+from metaproxy.relay.poller import Poller
 
 
 def run(body: Callable[[asyncio.AbstractEventLoop, Poller], Awaitable[Any]]) -> Any:

@@ -25,7 +25,7 @@ from python_socks import ProxyType
 from python_socks.sync import Proxy
 
 from metaproxy.config.model import InetAddress, Upstream, UpstreamType
-from metaproxy.relay.pump import Poller
+from metaproxy.relay.poller import Poller
 from metaproxy.upstream.connector import Dial, handshake_for
 
 Reader = Callable[[socket.socket], bytes]
