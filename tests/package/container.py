@@ -144,3 +144,37 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def run_once(root: Path, argv: Sequence[str], *, cwd: str, env: Sequence[str] = (),
+             binds_ro: Sequence[tuple[Path, str]] = (), timeout: float = 900.0) -> subprocess.CompletedProcess[str]:
+    """Run one command in ``root`` under systemd-nspawn, without booting it.
+
+    The same private network as a booted container (only its own loopback); a
+    stub init as PID 1 (--as-pid2) reaps what the command leaves behind. On
+    timeout the nspawn process we started is killed by PID, and with it the
+    container's PID namespace.
+    """
+    full = ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "--as-pid2", f"--directory={root}",
+            f"--machine=metaproxy-run-{os.getpid()}", "--private-network", "--link-journal=no", "--resolv-conf=off",
+            "--timezone=off", f"--chdir={cwd}",
+            *(f"--bind-ro={host}:{inner}" for host, inner in binds_ro),
+            *(f"--setenv={e}" for e in ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", *env]),
+            "--", *argv]
+    # SYSTEMD_SECCOMP=0: no filter of nspawn's own, so the tests see only the ones they load.
+    process = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={"PATH": SYSPATH, "SYSTEMD_SECCOMP": "0"}, start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pid1 = Container._child_of(process.pid)
+        process.kill()
+        if pid1 and _alive(pid1):
+            os.kill(pid1, signal.SIGKILL)  # the container's PID 1: ends every process in its namespace
+        out, _ = process.communicate(timeout=STOP_TIMEOUT)
+        raise ContainerError(f"{' '.join(argv)!r} in {root} did not finish in {timeout:.0f}s:\n{out[-4000:]}")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=STOP_TIMEOUT)
+    return subprocess.CompletedProcess(argv, process.returncode, out, "")

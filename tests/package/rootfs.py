@@ -1,17 +1,21 @@
-"""A minimal Debian 12 root file system, debootstrapped once and reused.
+"""Minimal Debian root file systems (12 and 13), debootstrapped once and reused.
 
-The cache (default /var/cache/metaproxy-test/bookworm) holds the runtime
-dependencies of the package already installed, because the container that
-boots it has no network: apt inside it can only install the local .deb.
+Each suite has its cache (default /var/cache/metaproxy-test/<suite>; the
+directory is METAPROXY_TEST_ROOTFS). It holds the runtime dependencies of the
+package already installed, because the container that boots it has no
+network: apt inside it can only install the local .deb.
 
-1. The cache is valid when its stamp file matches RECIPE. A different recipe
-   (a package added to INCLUDE) rebuilds it.
+1. The cache is valid when its stamp file matches the suite's recipe. A
+   different recipe (a package added to its include list) rebuilds it.
 2. debootstrap writes into a sibling directory that is renamed into place only
    when it has finished, so an interrupted run never leaves a half-made cache.
 3. A lock file serialises builders; users hold it shared, so the cache is not
    replaced under a running container.
 4. Each run boots an overlay of the cache (upper layer in a temporary
    directory), so the cache itself is never changed by a test.
+5. Every suite comes from the one Debian mirror this machine's apt uses for
+   bookworm (METAPROXY_TEST_MIRROR overrides it): a trixie root needs no
+   trixie line in /etc/apt.
 """
 
 from __future__ import annotations
@@ -29,21 +33,40 @@ from pathlib import Path
 from typing import Iterator
 
 SYSPATH = "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_CACHE = Path(os.environ.get("METAPROXY_TEST_ROOTFS", "/var/cache/metaproxy-test/bookworm"))
-SUITE = "bookworm"
-DEBOOTSTRAP_TIMEOUT = 1500  # seconds; about one minute from a nearby mirror
+CACHE_DIR = Path(os.environ.get("METAPROXY_TEST_ROOTFS", "/var/cache/metaproxy-test"))
+SUITE = "bookworm"  # the default suite, and the one whose apt source names the mirror
+SUITES = ("bookworm", "trixie")
+DEFAULT_CACHE = CACHE_DIR / SUITE
+DEBOOTSTRAP_TIMEOUT = 1500  # seconds; one to three minutes from a nearby mirror
 
-# The package's Depends, and what the test drives inside the container.
-RUNTIME = ["python3", "python3-async-timeout", "python3-configobj", "python3-prctl",
-           "python3-python-socks", "python3-seccomp", "python3-systemd", "procps"]
-INCLUDE = RUNTIME + [
+# The package's Depends (debian/control), and what the test drives inside the container.
+RUNTIME = ["python3", "python3-configobj", "python3-prctl", "python3-seccomp", "python3-systemd", "procps"]
+BOOT = [
     "systemd", "systemd-sysv", "dbus",      # a real PID 1 and systemctl
     "man-db",                               # systemd-analyze verify checks Documentation=man:
     "iproute2", "iptables", "nftables",     # addresses on lo; the REDIRECT rules
     "curl", "microsocks",                   # the client, and the SOCKS5 upstream
 ]
-RECIPE = {"suite": SUITE, "variant": "minbase", "include": sorted(INCLUDE), "version": 1}
+# The unit tier and mypy under trixie's python3 (tests/system/test_trixie_unit_tier.py):
+# the Build-Depends <!nocheck> of debian/control, and mypy. Only the trixie root
+# has them, so only the bookworm root proves that the package's Depends suffice.
+UNIT_TIER = ["python3-pytest", "python3-hypothesis", "python3-python-socks", "mypy"]
+INCLUDE: dict[str, list[str]] = {
+    "bookworm": RUNTIME + BOOT,
+    "trixie": RUNTIME + BOOT + UNIT_TIER,
+}
 STAMP = ".metaproxy-test-stamp"
+
+
+def recipe(suite: str) -> dict[str, object]:
+    """What a suite's cache was made from; a change rebuilds the cache."""
+    return {"suite": suite, "variant": "minbase", "include": sorted(INCLUDE[suite]), "version": 2}
+
+
+def cache_path(suite: str = SUITE) -> Path:
+    if suite not in INCLUDE:
+        raise ValueError(f"unknown suite {suite!r}: expected one of {', '.join(SUITES)}")
+    return CACHE_DIR / suite
 
 
 def apt_mirror(sources: Path = Path("/etc/apt")) -> str:
@@ -83,9 +106,9 @@ def apt_mirror(sources: Path = Path("/etc/apt")) -> str:
     raise RuntimeError(f"no apt source in {sources} serves Debian {SUITE} main; set METAPROXY_TEST_MIRROR")
 
 
-def _stamp_ok(root: Path) -> bool:
+def _stamp_ok(root: Path, suite: str) -> bool:
     try:
-        return json.loads((root / STAMP).read_text()) == RECIPE
+        return bool(json.loads((root / STAMP).read_text()) == recipe(suite))
     except (OSError, ValueError):
         return False
 
@@ -101,34 +124,35 @@ def _locked(lock: Path, mode: int) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _debootstrap(target: Path, mirror: str, log: Path) -> None:
+def _debootstrap(suite: str, target: Path, mirror: str, log: Path) -> None:
     keyring = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
-    argv = ["debootstrap", "--variant=minbase", "--include=" + ",".join(INCLUDE)]
+    argv = ["debootstrap", "--variant=minbase", "--include=" + ",".join(INCLUDE[suite])]
     if keyring.is_file():
         argv.append(f"--keyring={keyring}")
-    argv += [SUITE, str(target), mirror]
+    argv += [suite, str(target), mirror]
     with open(log, "w") as out:
         result = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=DEBOOTSTRAP_TIMEOUT,
                                 env={"PATH": SYSPATH, "LANG": "C.UTF-8", "HOME": "/root"})
     if result.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"debootstrap {SUITE} from {mirror} failed ({result.returncode}); "
+        raise RuntimeError(f"debootstrap {suite} from {mirror} failed ({result.returncode}); "
                            f"its log {log} ends:\n{tail}")
 
 
-def ensure_cache(cache: Path = DEFAULT_CACHE) -> Path:
-    """Return the cached root, debootstrapping it first if missing or stale."""
+def ensure_cache(suite: str = SUITE) -> Path:
+    """Return the suite's cached root, debootstrapping it first if missing or stale."""
+    cache = cache_path(suite)
     lock = cache.with_name(cache.name + ".lock")
     with _locked(lock, fcntl.LOCK_EX):
-        if _stamp_ok(cache):
+        if _stamp_ok(cache, suite):
             return cache
         mirror = apt_mirror()
         fresh = cache.with_name(cache.name + ".new")
         shutil.rmtree(fresh, ignore_errors=True)
-        _debootstrap(fresh, mirror, cache.with_name(cache.name + ".debootstrap.log"))
+        _debootstrap(suite, fresh, mirror, cache.with_name(cache.name + ".debootstrap.log"))
         # No stale apt state or machine id in the image that every run shares.
         (fresh / "etc/machine-id").write_text("")
-        (fresh / STAMP).write_text(json.dumps(RECIPE))
+        (fresh / STAMP).write_text(json.dumps(recipe(suite)))
         if cache.exists():
             shutil.rmtree(cache)
         fresh.rename(cache)

@@ -1,17 +1,19 @@
-"""The Debian package, for real: built, linted, installed into a booted Debian 12.
+"""The Debian package, for real: built, linted, installed into a booted Debian 12 and 13.
 
 1. tools/build-deb.sh builds the .deb from this tree (unit tests are the unit
    tier's job, so the build here is nocheck); lintian must print nothing.
 2. The unit files rate 2.0 or lower in ``systemd-analyze security``.
-3. A cached debootstrapped bookworm (tests/package/rootfs.py) boots under
-   systemd-nspawn with a private network. Inside it: apt-get install the .deb;
+3. A cached debootstrapped bookworm, then trixie (tests/package/rootfs.py),
+   boots under systemd-nspawn with a private network. Inside each, the same
+   chain: apt-get install the .deb;
    the service runs as _metaproxy without capabilities; REDIRECT rules (the
    service user excluded) send curl's connection to a web server on an RFC 5737
    address through the daemon and a real SOCKS5 server (microsocks); the
    journal logs the connection but not its destination; reload takes a new
    upstream without a restart; stop exits 0; purge leaves the user behind.
 
-The steps share one container and run in file order. Everything the test starts
+The steps share one container per suite and run in file order (pytest runs
+every step on bookworm, then every step on trixie). Everything the test starts
 is stopped by PID in the fixtures' finally blocks. Not root or a tool missing:
 FAIL, unless METAPROXY_ALLOW_SKIP=1.
 """
@@ -88,24 +90,25 @@ def debs() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def deb(debs: Path) -> Path:
-    found = sorted(debs.glob("subgraph-metaproxy_*_all.deb"))
+    found = sorted(debs.glob("subgraph-metaproxy_*.deb"))
     if len(found) != 1:
-        pytest.fail(f"expected one subgraph-metaproxy_*_all.deb in {debs}, found {found}", pytrace=False)
+        pytest.fail(f"expected one subgraph-metaproxy_*.deb in {debs}, found {found}", pytrace=False)
     return found[0]
 
 
-@pytest.fixture(scope="module")
-def box(deb: Path) -> Iterator[Container]:
-    """A booted bookworm with the .deb copied into /root, torn down whatever happens."""
+@pytest.fixture(scope="module", params=rootfs.SUITES)
+def box(request: pytest.FixtureRequest, deb: Path) -> Iterator[Container]:
+    """A booted Debian (bookworm, then trixie) with the .deb copied into /root, torn down whatever happens."""
+    suite: str = request.param
     started = time.monotonic()
     try:
-        cache = rootfs.ensure_cache()
+        cache = rootfs.ensure_cache(suite)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
-        pytest.fail(f"cannot make the bookworm root: {e}", pytrace=False)
-    print(f"bookworm root ready in {time.monotonic() - started:.1f}s ({cache})")
+        pytest.fail(f"cannot make the {suite} root: {e}", pytrace=False)
+    print(f"{suite} root ready in {time.monotonic() - started:.1f}s ({cache})")
     with rootfs.scratch_root(cache) as root:
         shutil.copy2(deb, root / "root" / deb.name)
-        container = Container(root, root.parent / "console.log")
+        container = Container(root, root.parent / "console.log", name=f"metaproxy-{suite}")
         try:
             booted = time.monotonic()
             container.boot()
@@ -157,7 +160,8 @@ def service(box: Container, *props: str) -> dict[str, str]:
 
 
 def config_text(upstream: str) -> str:
-    return (f"[daemon]\nport = 8675\n\n[upstreams]\n    [[{upstream}]]\n    type = socks5\n"
+    # log_connections: the per-connection lines the steps wait for (off by default).
+    return (f"[daemon]\nport = 8675\nlog_connections = yes\n\n[upstreams]\n    [[{upstream}]]\n    type = socks5\n"
             f"    address = {SOCKS}\n\n[routes]\n* = {upstream}\n")
 
 
@@ -210,7 +214,7 @@ def test_man_pages_pass_mandoc_lint() -> None:
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
 
 
-# ---- inside a booted Debian 12 -----------------------------------------------------------
+# ---- inside a booted Debian 12, then 13 ---------------------------------------------------
 
 def test_install_creates_the_user_and_starts_the_service(box: Container, deb: Path) -> None:
     """apt-get install ./the.deb: sysusers creates _metaproxy, postinst enables and starts the unit."""
