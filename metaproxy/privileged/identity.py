@@ -4,7 +4,7 @@ The plan follows OpenSSH's permanently_set_uid() and Tor's switch_id():
  1. Resolve the user while /etc/passwd can still be read.
  2. Refuse if other threads exist: capabilities and prctl() state belong to a
     thread, and a second thread would keep root's.
- 3. Narrow the bounding set while CAP_SETPCAP still works (capabilities.py).
+ 3. Empty the bounding set while CAP_SETPCAP still works (capabilities.py).
  4. Supplementary groups, then the gid, then the uid: once the uid has changed,
     the groups could no longer be changed.
  5. Try to regain root: every attempt must fail with EPERM.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pwd
-from collections.abc import Sequence
 
 from metaproxy.errors import PrivilegeError
 from metaproxy.privileged import capabilities
@@ -72,23 +71,22 @@ def _lock_down() -> None:
     step("chdir /", os.chdir, "/")
 
 
-def drop_privileges(user: str, keep_caps: Sequence[str] = ()) -> None:
-    """Become `user` for good, keeping only `keep_caps` (normally none), or raise PrivilegeError."""
-    entry, keep = _resolve(user), capabilities.parse(keep_caps)
+def drop_privileges(user: str) -> None:
+    """Become `user` for good, with no capability left, or raise PrivilegeError."""
+    entry = _resolve(user)
     uid, gid = entry.pw_uid, entry.pw_gid
     if os.geteuid() != 0:
         raise PrivilegeError(f"privilege step 'drop to {user}' failed: the process is not root "
                              f"(euid {os.geteuid()}); start it as root, or use --unprivileged")
     _require_single_thread()
-    step("set PR_SET_KEEPCAPS", capabilities.prctl().set_keepcaps, bool(keep))
-    capabilities.narrow_bounding_set(keep)
+    capabilities.empty_bounding_set()
     step("setgroups", os.setgroups, [])
     step("setresgid", os.setresgid, gid, gid, gid)
     step("setresuid", os.setresuid, uid, uid, uid)
     _require_ids(uid, gid)
     _require_root_unreachable()
-    capabilities.limit_sets(keep)
-    capabilities.verify(keep)
+    capabilities.empty_sets()
+    capabilities.verify_empty()
     _lock_down()
 
 
@@ -98,6 +96,6 @@ def restrict_unprivileged() -> None:
         raise PrivilegeError(f"privilege step 'unprivileged start' failed: uids {os.getresuid()}; "
                              "--unprivileged must not run as root (without it, root drops privileges)")
     _require_single_thread()
-    capabilities.limit_sets(frozenset())
-    capabilities.verify(frozenset(), bounding=False)
+    capabilities.empty_sets()
+    capabilities.verify_empty(bounding=False)
     _lock_down()
