@@ -7,7 +7,8 @@ it since it became ready (the readiness probes are not counted).
 
 ``counters(daemon)`` sends SIGUSR1 and parses the line it logs:
 
-    counters: 0 open, 5 total, 5 refused, 0 upstream failures; 0 bytes up, ...
+    counters: 0 open, 5 total, 5 refused, 0 upstream failures; 0 bytes up, 0 bytes down;
+              0 pipes in use; 5 clients gone before their upstream was asked
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from tests.system.daemon import Daemon
 from tests.system.lab import GATEWAY4, GATEWAY6, HERE, PYTHON, Process
 from tests.system.peers import World
 
-COUNTERS = re.compile(r"counters: (\d+) open, (\d+) total, (\d+) refused, (\d+) upstream failures")
+COUNTERS = re.compile(r"counters: (\d+) open, (\d+) total, (\d+) refused, (\d+) upstream failures; "
+                      r"(\d+) bytes up, (\d+) bytes down(?:.*?; (\d+) clients gone)?")
 _serial = itertools.count(1)
 STOPPED = re.compile(r"stopped: (-?\d+) open, (\d+) total, (\d+) refused, (\d+) upstream failures")
 
@@ -79,6 +81,9 @@ class Counts:
     total: int
     refused: int
     failed: int
+    bytes_up: int = 0
+    bytes_down: int = 0
+    gone: int | None = None  # None: the daemon's counters line does not say
 
 
 def counters(daemon: Daemon, timeout: float = 5) -> Counts:
@@ -91,7 +96,8 @@ def counters(daemon: Daemon, timeout: float = 5) -> Counts:
     found = COUNTERS.search(log)
     if not found:
         raise AssertionError(f"no counters line after SIGUSR1:\n{log[-3000:]}")
-    return Counts(*map(int, found.groups()))
+    values = [None if g is None else int(g) for g in found.groups()]
+    return Counts(*values)  # type: ignore[arg-type]
 
 
 def wait_total(daemon: Daemon, total: int, timeout: float = 30) -> Counts:
