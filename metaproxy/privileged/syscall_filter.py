@@ -6,6 +6,9 @@ and Tor's sandbox.c. Any other call gets the action: 'kill' (the process dies
 with SIGSYS), 'trap' (SIGSYS to the thread, to debug), 'log' (allowed and
 logged by the kernel), or 'off' (no filter; the caller warns loudly).
 
+Landlock (landlock.py) is applied before this filter, which allows none of its
+calls and no prctl(): neither can be loosened or re-stacked afterwards.
+
 A rule is a name, allowed with any arguments, or (name, conditions), allowed
 when every condition (index, mask, value) holds: args[index] & mask == value.
 EQ compares the low 32 bits, all the kernel reads of an int argument.
@@ -13,8 +16,10 @@ EQ compares the low 32 bits, all the kernel reads of an int argument.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import socket
 import termios
@@ -30,11 +35,18 @@ SO_ORIGINAL_DST = 80  # <linux/netfilter_ipv4.h>; IP6T_SO_ORIGINAL_DST is 80 too
 SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>
 CLONE_THREAD = 0x10000
 SOCK_TYPE_MASK = 0xF  # SOCK_NONBLOCK and SOCK_CLOEXEC are flags above the type
+NETLINK_SOCK_DIAG = 4  # <linux/netlink.h>
+PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1  # <linux/prctl.h>, Linux >= 6.3
 WRITE_FLAGS = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND, os.O_TMPFILE & ~os.O_DIRECTORY)
 
 
 def _if(name: str, *conditions: Condition) -> Rule:
     return (name, conditions)
+
+
+def _socket(family: int, kind: int, protocol: int) -> Rule:
+    """socket(family, kind | SOCK_NONBLOCK | SOCK_CLOEXEC, protocol), nothing else."""
+    return _if("socket", (0, EQ, family), (1, SOCK_TYPE_MASK, kind), (2, EQ, protocol))
 
 
 def _options(name: str, *pairs: tuple[int, int]) -> tuple[Rule, ...]:
@@ -43,7 +55,10 @@ def _options(name: str, *pairs: tuple[int, int]) -> tuple[Rule, ...]:
 
 ALLOWED: tuple[tuple[str, tuple[Rule, ...]], ...] = (
     # Memory: the allocator, thread stacks, extension modules mapped by a late import.
-    ("memory", ("brk", "mmap", "munmap", "mremap", "mprotect", "madvise")),
+    # W^X, as systemd's MemoryDenyWriteExecute: mmap() never writable and executable
+    # at once, and mprotect() never adds PROT_EXEC (write, then make it executable).
+    ("memory", ("brk", "munmap", "mremap", "madvise", _if("mmap", (2, mmap.PROT_EXEC, 0)),
+                _if("mmap", (2, mmap.PROT_WRITE, 0)), _if("mprotect", (2, mmap.PROT_EXEC, 0)))),
     # Threads of asyncio's default executor: clone() only with CLONE_THREAD, so
     # never a fork. clone3() hides its flags from the filter: see DENIED_SOFTLY.
     # Python 3.13 (Debian 13) sizes the executor from our own CPU mask (pid 0).
@@ -55,14 +70,14 @@ ALLOWED: tuple[tuple[str, tuple[Rule, ...]], ...] = (
     ("time and randomness", ("clock_gettime", "clock_nanosleep", "getrandom")),
     # Our own ids, and our own file limit (prlimit64 on pid 0 only).
     ("identity", ("getpid", "getuid", "geteuid", "getgid", "getegid", _if("prlimit64", (0, EQ, 0)))),
-    # Files, read-only: /proc/net/tcp{,6} for the client's uid, the config on
-    # SIGHUP, late imports. Opening to write is answered EACCES (DENIED_SOFTLY).
+    # Files, read-only: the config on SIGHUP, late imports (Landlock narrows where
+    # from). Opening to write is answered EACCES (DENIED_SOFTLY).
     # fstat(): glibc 2.41 (Debian 13) calls it where 2.36 called newfstatat(fd, "").
     ("reading files", (_if("openat", (2, sum(WRITE_FLAGS), 0)), "read", "lseek", "newfstatat",
                        "fstat", "getdents64", "close")),
-    # Logging and systemd: lines on stderr; journald and sd_notify datagrams.
-    ("logging", ("write", "sendmsg", _if("socket", (0, EQ, socket.AF_UNIX),
-                                         (1, SOCK_TYPE_MASK, socket.SOCK_DGRAM)))),
+    # Logging and systemd: lines on stderr; journald and sd_notify datagrams
+    # (libsystemd's sd_notify opens a fresh AF_UNIX datagram socket per message).
+    ("logging", ("write", "sendmsg", _socket(socket.AF_UNIX, socket.SOCK_DGRAM, 0))),
     # Non-blocking mode (FIONBIO is CPython's setblocking), isatty() (TCGETS),
     # and pipe sizes. No other fcntl or ioctl: none of TIOCSTI and its kin.
     ("descriptors", tuple(_if("fcntl", (1, EQ, cmd)) for cmd in (
@@ -71,14 +86,16 @@ ALLOWED: tuple[tuple[str, tuple[Rule, ...]], ...] = (
     # The event loop, and splice() moving bytes socket -> pipe -> socket in the kernel.
     ("event loop and relaying", ("epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "pipe2",
                                  "splice")),
-    # Sockets: TCP over IPv4 and IPv6 to upstreams; AF_UNIX streams for unix:/path
-    # upstreams and asyncio's self-pipe; netlink only as SOCK_RAW NETLINK_SOCK_DIAG (4),
-    # one socket per isolation = user owner lookup. No UDP (so no DNS lookup can leak), no
-    # other netlink, raw or packet sockets, no bind() or listen(): the root phase made the listeners.
-    ("sockets", tuple(_if("socket", (0, EQ, family), (1, SOCK_TYPE_MASK, socket.SOCK_STREAM))
-                      for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX))
-     + (_if("socket", (0, EQ, socket.AF_NETLINK), (1, SOCK_TYPE_MASK, socket.SOCK_RAW), (2, EQ, 4)),
-        _if("socketpair", (0, EQ, socket.AF_UNIX)), "accept4", "connect", "getsockname",
+    # Sockets, each with its protocol checked: TCP over IPv4 and IPv6 to upstreams
+    # (protocol 0 or IPPROTO_TCP, so never MPTCP or SCTP streams); AF_UNIX streams for
+    # unix:/path upstreams and asyncio's self-pipe; netlink only as SOCK_RAW
+    # NETLINK_SOCK_DIAG, one socket per isolation = user owner lookup. No UDP (so no
+    # DNS lookup can leak), no other netlink, raw or packet sockets, no bind() or
+    # listen(): the root phase made the listeners.
+    ("sockets", tuple(_socket(family, socket.SOCK_STREAM, protocol)
+                      for family in (socket.AF_INET, socket.AF_INET6) for protocol in (0, socket.IPPROTO_TCP))
+     + (_socket(socket.AF_UNIX, socket.SOCK_STREAM, 0), _socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG),
+        _if("socketpair", (0, EQ, socket.AF_UNIX), (2, EQ, 0)), "accept4", "connect", "getsockname",
         "getpeername", "shutdown", "sendto", "recvfrom")),
     # getsockopt: the original destination (SO_ORIGINAL_DST, IP6T_SO_ORIGINAL_DST),
     # the outcome of a non-blocking connect (SO_ERROR), and the send buffer
@@ -110,12 +127,25 @@ def _add(flt: Any, action: Any, rule: Rule, seccomp: Any) -> None:
     flt.add_rule(action, name, *(seccomp.Arg(i, seccomp.MASKED_EQ, m, v) for i, m, v in conditions))
 
 
+def _deny_write_execute() -> None:
+    """PR_SET_MDWE where the kernel has it (6.3+: Debian 13, not 12's 6.1), so W^X also
+    holds for what the filter's arguments cannot see; elsewhere the memory rules alone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        if ctypes.get_errno() == errno.EINVAL:
+            return
+        raise PrivilegeError(f"privilege step 'set PR_SET_MDWE' failed: {os.strerror(ctypes.get_errno())}")
+    if libc.prctl(PR_GET_MDWE, 0, 0, 0, 0) != PR_MDWE_REFUSE_EXEC_GAIN:
+        raise PrivilegeError("privilege step 'set PR_SET_MDWE' did not take effect")
+
+
 def load_syscall_filter(action: str) -> None:
     """Load the allow-list into every thread; 'off' loads nothing. Raises PrivilegeError."""
     if action not in ("kill", "trap", "log", "off"):
         raise PrivilegeError(f"unknown seccomp action {action!r}: expected kill, log, trap or off")
     if action == "off":
         return
+    _deny_write_execute()
     seccomp = require_module("seccomp", "python3-seccomp")
     default = {"kill": seccomp.KILL_PROCESS, "trap": seccomp.TRAP, "log": seccomp.LOG}[action]
     try:

@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import resource
 import signal
@@ -30,11 +31,20 @@ from metaproxy.protocol.inet_diag import NETLINK_SOCK_DIAG
 from tests.unit.test_privileged_forking import in_child, proc_status
 
 SO_ORIGINAL_DST = 80
+IPPROTO_MPTCP = 262
+PROT_WX = mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC
 LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.mmap.restype = ctypes.c_void_p
+LIBC.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
 
 
 def _with_socket(call: Callable[[socket.socket], object]) -> Callable[[], object]:
     return lambda: call(socket.socket())
+
+
+def _make_executable() -> object:
+    page = LIBC.mmap(None, 4096, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    return LIBC.mprotect(ctypes.c_void_p(page), 4096, mmap.PROT_READ | mmap.PROT_EXEC)
 
 
 FORBIDDEN: dict[str, Callable[[], object]] = {
@@ -54,6 +64,15 @@ FORBIDDEN: dict[str, Callable[[], object]] = {
     "getsockopt TCP_INFO: not in the list": _with_socket(
         lambda s: s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)),
     "ioctl TIOCSTI": lambda: fcntl.ioctl(0, termios.TIOCSTI, b"x"),
+    "socket(AF_INET, SOCK_STREAM, IPPROTO_MPTCP): only protocol 0 or TCP": lambda: socket.socket(
+        socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP),
+    "socket(AF_INET6, SOCK_STREAM, IPPROTO_SCTP)": lambda: socket.socket(
+        socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_SCTP),
+    "socket(AF_UNIX, SOCK_SEQPACKET): streams and datagrams only": lambda: socket.socket(
+        socket.AF_UNIX, socket.SOCK_SEQPACKET),
+    "mmap writable and executable": lambda: mmap.mmap(-1, 4096, prot=PROT_WX),
+    "mprotect adding PROT_EXEC (write, then execute)": _make_executable,
+    "landlock_create_ruleset: no second sandbox layer": lambda: LIBC.syscall(444, None, 0, 1),
     "setuid": lambda: os.setuid(0),
     "kill": lambda: os.kill(1, 0),
     "prctl: the drop cannot be undone": lambda: LIBC.prctl(4, 1, 0, 0, 0),  # PR_SET_DUMPABLE
@@ -232,6 +251,37 @@ def test_off_loads_no_filter() -> None:
         return proc_status()["Seccomp"]
     outcome = in_child(body)
     assert outcome.ok and outcome.value == "0", outcome
+
+
+def test_write_xor_execute_holds_even_where_the_filter_only_logs() -> None:
+    """Readable-executable and writable mappings still work under kill mode. Where the
+    kernel has PR_SET_MDWE (6.3+), a W+X mapping is refused by the kernel itself, so
+    even in log mode it fails with EACCES; elsewhere log mode lets it through."""
+    def body() -> dict[str, Any]:
+        load_syscall_filter("log")
+        mdwe = LIBC.prctl(66, 0, 0, 0, 0)  # PR_GET_MDWE
+        try:
+            mmap.mmap(-1, 4096, prot=PROT_WX).close()
+            wx = "mapped"
+        except OSError as exc:
+            wx = errno.errorcode[exc.errno or 0]
+        return {"mdwe": mdwe, "wx": wx}
+    outcome = in_child(body)
+    assert outcome.ok, outcome
+    if outcome.value["mdwe"] < 0:
+        assert outcome.value["wx"] == "mapped", outcome  # seccomp in log mode only
+    else:
+        assert outcome.value == {"mdwe": 1, "wx": "EACCES"}, outcome
+
+    def allowed() -> list[int]:
+        load_syscall_filter("kill")
+        sizes = []
+        for prot in (mmap.PROT_READ | mmap.PROT_WRITE, mmap.PROT_READ | mmap.PROT_EXEC, mmap.PROT_READ):
+            with mmap.mmap(-1, 8192, prot=prot) as region:
+                sizes.append(len(region))
+        return sizes
+    outcome = in_child(allowed)
+    assert outcome.ok and outcome.value == [8192] * 3, outcome
 
 
 @pytest.mark.parametrize("action", ["", "KILL", "allow", "errno"])
