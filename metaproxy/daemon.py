@@ -38,6 +38,8 @@ def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str,
     if shown:
         log.warning("destinations are logged (-d or log_destinations): these logs now deanonymise "
                     "the user; do not keep or share them")
+    for warning in config.warnings():
+        log.warning("%s: %s", config.source, warning)
     if config.legacy:
         log.warning("%s uses the deprecated JSON format; it works unchanged, but please replace it "
                     "with this configobj text:\n%s", config.source, equivalent_text(config))
@@ -107,9 +109,12 @@ def _reload(server: Server, port_override: int | None = None) -> None:
     daemon = dataclasses.replace(old.daemon, max_connections=new.daemon.max_connections,
                                  idle_timeout=new.daemon.idle_timeout, drain_timeout=new.daemon.drain_timeout,
                                  connect_timeout=new.daemon.connect_timeout,
-                                 log_connections=new.daemon.log_connections)
+                                 log_connections=new.daemon.log_connections,
+                                 log_refusals=new.daemon.log_refusals)
     server.apply(dataclasses.replace(new, daemon=daemon))
     log.info("reloaded routes and upstreams from %s", old.source)
+    for warning in new.warnings():
+        log.warning("%s: %s", old.source, warning)
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -131,6 +131,7 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
         max_connections=d["max_connections"], idle_timeout=d["idle_timeout"],
         connect_timeout=d["connect_timeout"], drain_timeout=d["drain_timeout"],
         log_destinations=d["log_destinations"], log_connections=d["log_connections"],
+        log_refusals=d["log_refusals"],
         seccomp=SeccompAction(d["seccomp"]),
     )
     _user_name(("daemon",), "user", d["user"], problems)

@@ -131,6 +131,7 @@ class DaemonSettings:
     # default: when connections happen and how many bytes they move are
     # traffic-analysis material, and the journal keeps them on disk.
     log_connections: bool = False
+    log_refusals: int = 10  # refusal lines per minute; the rest are counted in one line
     seccomp: SeccompAction = SeccompAction.KILL
 
 

@@ -16,6 +16,7 @@ connect_timeout = float(0.1, 600, default=10)
 drain_timeout = float(0, 3600, default=10)
 log_destinations = boolean(default=False)
 log_connections = boolean(default=False)
+log_refusals = integer(0, 100000, default=10)
 seccomp = option('kill', 'log', 'trap', 'off', default='kill')
 
 [upstreams]
@@ -47,6 +48,7 @@ EXPECTED = {
     "drain_timeout": "seconds, from 0 to 3600",
     "log_destinations": "yes or no",
     "log_connections": "yes or no",
+    "log_refusals": "refusal lines per minute, from 0 to 100000",
     "seccomp": "one of kill, log, trap, off",
     "type": "one of socks5, socks4, socks4a, http",
     "address": "ip:port, [ipv6]:port or unix:/path",

@@ -47,8 +47,8 @@ _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 1.0
 # A burst of at least this many relays at once is worth a give-back (see
 # _give_back) when it has mostly closed; below it the heap barely grew.
 GIVE_BACK_PEAK = 1024
-# Refusal lines: at most this many per window, then one line that counts the rest.
-REFUSALS_SHOWN, REFUSAL_WINDOW = 10, 60.0
+# Refusal lines: at most log_refusals per window, then one line that counts the rest.
+REFUSAL_WINDOW = 60.0
 
 
 @dataclass
@@ -66,17 +66,16 @@ class Counters:
 
 
 class RefusalLog:
-    """Refusal lines, at most ``shown`` per ``window`` seconds, then one line that counts the rest.
+    """Refusal lines, at most ``limit`` per ``window`` seconds, then one line that counts the rest.
 
     A flood of refused connections (a port scan, a misrouted burst) must not
     flood the journal, which keeps what it is given on disk.
     """
 
-    __slots__ = ("_loop", "_shown", "_window", "_count", "_suppressed", "_timer")
+    __slots__ = ("_loop", "limit", "_window", "_count", "_suppressed", "_timer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, shown: int = REFUSALS_SHOWN,
-                 window: float = REFUSAL_WINDOW) -> None:
-        self._loop, self._shown, self._window = loop, shown, window
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int, window: float = REFUSAL_WINDOW) -> None:
+        self._loop, self.limit, self._window = loop, limit, window
         self._count = 0
         self._suppressed = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -84,7 +83,7 @@ class RefusalLog:
     def refused(self, cid: int, why: str, dest: Destination | None) -> None:
         if self._timer is None:
             self._timer = self._loop.call_later(self._window, self._end_window)
-        if self._count >= self._shown:
+        if self._count >= self.limit:
             self._suppressed += 1
             return
         self._count += 1
@@ -96,7 +95,7 @@ class RefusalLog:
         self._count = 0
         if self._suppressed:
             log.warning("%d more refusals in the last %gs were not logged (the limit is %d per %gs)",
-                        self._suppressed, self._window, self._shown, self._window)
+                        self._suppressed, self._window, self.limit, self._window)
             self._suppressed = 0
 
     def close(self) -> None:
@@ -130,7 +129,7 @@ class Server:
         self._backoff = _BACKOFF_FIRST
         self._loop = asyncio.get_running_loop()
         self.poller = Poller(self._loop)
-        self.refusals = RefusalLog(self._loop)
+        self.refusals = RefusalLog(self._loop, config.daemon.log_refusals)
         self._drained: asyncio.Event = asyncio.Event()
         self.apply(config)
 
@@ -138,6 +137,7 @@ class Server:
         """Take new routes and upstreams; open connections keep theirs."""
         self.config = config
         self._log_connections = config.daemon.log_connections
+        self.refusals.limit = config.daemon.log_refusals
         # An upstream that keeps its name and mode keeps its isolator (and its
         # secret), so a reload does not move every destination or user to new
         # Tor circuits.

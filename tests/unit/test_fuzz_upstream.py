@@ -298,7 +298,7 @@ class Harness:
         self.fake_port = fake_port
         self.server = Server(parse_configobj("<fuzz>", config_text(fake_port)), [listener])
         # Every refusal is judged by its line: no rate limit here (RefusalLog has its own test).
-        self.server.refusals = RefusalLog(asyncio.get_running_loop(), shown=10**9)
+        self.server.refusals = RefusalLog(asyncio.get_running_loop(), 10**9)
         self.server.start()
 
     async def _teardown(self) -> None:

@@ -17,7 +17,7 @@ def refused_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_at_most_n_lines_per_window_then_one_that_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        limiter = RefusalLog(asyncio.get_running_loop(), shown=3, window=0.2)
+        limiter = RefusalLog(asyncio.get_running_loop(), 3, window=0.2)
         for cid in range(1, 11):
             limiter.refused(cid, "no route for the destination port", Destination("198.51.100.2", 80))
         await asyncio.sleep(0.35)
@@ -34,7 +34,7 @@ def test_at_most_n_lines_per_window_then_one_that_counts_the_rest(caplog: pytest
 
 def test_close_reports_what_was_held_back(caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        limiter = RefusalLog(asyncio.get_running_loop(), shown=1, window=60)
+        limiter = RefusalLog(asyncio.get_running_loop(), 1, window=60)
         for cid in range(3):
             limiter.refused(cid, "too many connections (max_connections)", None)
         limiter.close()
