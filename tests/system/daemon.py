@@ -36,6 +36,8 @@ def next_port() -> int:
 
 
 def daemon_section(port: int, **extra: object) -> str:
+    # Tests judge refusals by their lines: no rate limit unless a test asks for one.
+    extra.setdefault("log_refusals", 100000)
     lines = ["[daemon]", "listen = 127.0.0.1, ::1", f"port = {port}", "user = nobody"]
     if SECCOMP:
         lines.append(f"seccomp = {SECCOMP}")
