@@ -206,12 +206,17 @@ def _driven(records: list[dict[str, Any]]) -> bool:
     return len(_closes(records)) >= 1 and len(_refusals(records)) >= 2
 
 
+def _with_connections(port: int) -> str:
+    """privacy_config with log_connections = yes: the relayed fetch gets open and close records."""
+    return privacy_config(port).replace("[upstreams]", "log_connections = yes\n[upstreams]", 1)
+
+
 def test_records_carry_identifier_priority_and_connection_fields(
         world: World, journal: PrivateJournal, journal_daemon: Callable[..., Daemon]) -> None:
     """Every record has SYSLOG_IDENTIFIER and PRIORITY; a relayed connection's close
     record has its cid, upstream, bytes each way, duration and reason; a refusal is
-    a warning with its cid and reason."""
-    daemon = journal_daemon()
+    a warning with its cid and reason (log_connections = yes)."""
+    daemon = journal_daemon(config=_with_connections)
     _drive(world, daemon)
     records = journal.wait_for(_driven, "close record and two refusals")
 
@@ -241,10 +246,11 @@ def test_records_carry_identifier_priority_and_connection_fields(
 def test_no_record_names_a_destination_at_the_default_level(
         world: World, journal: PrivateJournal, journal_daemon: Callable[..., Daemon]) -> None:
     """Without -d no field of any record (MESSAGE or other) holds a destination
-    address or port, and there is no METAPROXY_DESTINATION field."""
+    address or port, and there is no METAPROXY_DESTINATION field. Without
+    log_connections the relayed fetch leaves no record at all: no open, no close."""
     daemon = journal_daemon()
     _drive(world, daemon)
-    journal.wait_for(_driven, "close record and two refusals")
+    journal.wait_for(lambda rs: len(_refusals(rs)) >= 2, "two refusals")
     os.kill(daemon.process.pid, signal.SIGUSR1)  # type: ignore[union-attr]
     journal.wait_for(lambda rs: any(r["MESSAGE"].startswith("counters:") for r in rs), "counters")
 
@@ -253,13 +259,16 @@ def test_no_record_names_a_destination_at_the_default_level(
     assert not leaks, "destinations in journal records:\n" + "\n".join(map(json.dumps, leaks))
     assert not [r for r in records if "METAPROXY_DESTINATION" in r]
     assert any("[scrubbed]" in r.get("MESSAGE", "") for r in records)
+    ours = [r for r in records if r.get("SYSLOG_IDENTIFIER") == IDENTIFIER]
+    per_connection = [r["MESSAGE"] for r in ours if r in _closes(ours) or " open via " in r["MESSAGE"]]
+    assert not per_connection, f"per-connection records at the default level: {per_connection}"
 
 
 def test_destinations_appear_with_debug(world: World, journal: PrivateJournal,
                                         journal_daemon: Callable[..., Daemon]) -> None:
     """With -d the destination is in METAPROXY_DESTINATION and in the message, and a
-    warning says once that the logs now deanonymise the user."""
-    daemon = journal_daemon("-d")
+    warning says once that the logs now deanonymise the user (log_connections = yes)."""
+    daemon = journal_daemon("-d", config=_with_connections)
     _drive(world, daemon)
     records = journal.wait_for(_driven, "close record and two refusals")
 
@@ -279,7 +288,7 @@ def test_logging_works_under_the_seccomp_filter(
     written later, with the filter enforcing, still arrive and the daemon lives on."""
     if SECCOMP == "off":
         pytest.fail("METAPROXY_TEST_SECCOMP=off: this test needs the filter", pytrace=False)
-    daemon = journal_daemon()
+    daemon = journal_daemon(config=_with_connections)
     assert daemon.process is not None
     status = Path(f"/proc/{daemon.process.pid}/status").read_text()
     assert re.search(r"^Seccomp:\s+2$", status, re.MULTILINE), f"no seccomp filter loaded:\n{status}"

@@ -46,18 +46,38 @@ def test_default_log_names_no_destination(world: World, start_own_daemon: StartD
     assert log.strip(), "the daemon logged nothing at all: the test would prove nothing"
     leaks = [line for line in log.splitlines() if LEAK.search(line)]
     assert not leaks, "destinations in default-level log lines:\n" + "\n".join(leaks)
-    assert "[scrubbed]" in log or "cid=" in log, f"expected per-connection lines:\n{log}"
+    # Refusals are still logged (scrubbed); relayed connections write no line of their own.
+    assert "[scrubbed]" in log, f"expected scrubbed refusal lines:\n{log}"
+    assert " open via " not in log and " close (" not in log, f"per-connection lines at the default level:\n{log}"
+
+
+def _with_connections(port: int, *, debug_key: bool = False) -> str:
+    return privacy_config(port, debug_key=debug_key).replace(
+        "[upstreams]", "log_connections = yes\n[upstreams]", 1)
+
+
+def test_connection_lines_name_no_destination(world: World, start_own_daemon: StartDaemon) -> None:
+    """With log_connections = yes but without -d, the open and close lines are there
+    and name no destination either."""
+    daemon = start_own_daemon("metaproxy-private-conn", _with_connections)
+    _drive(world, daemon)
+    daemon.stop()
+    log = daemon.log()
+    assert " open via " in log and " close (" in log, f"expected per-connection lines:\n{log}"
+    leaks = [line for line in log.splitlines() if LEAK.search(line)]
+    assert not leaks, "destinations in log_connections lines:\n" + "\n".join(leaks)
 
 
 @pytest.mark.parametrize("how", ["-d", "log_destinations"])
 def test_debug_log_names_destinations_and_warns_once(world: World, start_own_daemon: StartDaemon,
                                                      how: str) -> None:
-    """With -d (or log_destinations = yes) the destinations do appear, and the daemon
-    warns once, at start, that its logs now deanonymise the user."""
+    """With -d (or log_destinations = yes) the destinations do appear (log_connections is
+    on, so the relayed ones have lines too), and the daemon warns once, at start, that
+    its logs now deanonymise the user."""
     if how == "-d":
-        daemon = start_own_daemon("metaproxy-debug", privacy_config, args=("-d",))
+        daemon = start_own_daemon("metaproxy-debug", _with_connections, args=("-d",))
     else:
-        daemon = start_own_daemon("metaproxy-logdest", lambda port: privacy_config(port, debug_key=True))
+        daemon = start_own_daemon("metaproxy-logdest", lambda port: _with_connections(port, debug_key=True))
     _drive(world, daemon)
     daemon.stop()
     log = daemon.log()

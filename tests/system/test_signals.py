@@ -38,6 +38,8 @@ BIG_PORT = 8001                  # nginx serves big.bin (50 MB) here too
 
 
 def config(port: int, routes: dict[int, str], **daemon: object) -> str:
+    # The tests follow connections by their open and close lines, which are off by default.
+    daemon.setdefault("log_connections", "yes")
     return daemon_section(port, connect_timeout=5, **daemon) + f"""\
 [upstreams]
     [[a]]
