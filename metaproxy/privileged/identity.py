@@ -19,7 +19,7 @@ import pwd
 
 from metaproxy.errors import PrivilegeError
 from metaproxy.privileged import capabilities
-from metaproxy.privileged.steps import require_status, step
+from metaproxy.privileged.steps import require_single_thread, require_status, step
 
 
 def _resolve(user: str) -> pwd.struct_passwd:
@@ -33,13 +33,6 @@ def _resolve(user: str) -> pwd.struct_passwd:
         raise PrivilegeError(f"privilege step 'resolve service user' failed: {user!r} has uid "
                              f"{entry.pw_uid} and gid {entry.pw_gid}; it must not be root or group 0")
     return entry
-
-
-def _require_single_thread() -> None:
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:
-        raise PrivilegeError(f"privilege step 'check threads' failed: {threads} threads are running; "
-                             "drop privileges before starting any, or they would stay root")
 
 
 def _require_ids(uid: int, gid: int) -> None:
@@ -78,7 +71,7 @@ def drop_privileges(user: str) -> None:
     if os.geteuid() != 0:
         raise PrivilegeError(f"privilege step 'drop to {user}' failed: the process is not root "
                              f"(euid {os.geteuid()}); start it as root, or use --unprivileged")
-    _require_single_thread()
+    require_single_thread()
     capabilities.empty_bounding_set()
     step("setgroups", os.setgroups, [])
     step("setresgid", os.setresgid, gid, gid, gid)
@@ -95,7 +88,7 @@ def restrict_unprivileged() -> None:
     if 0 in os.getresuid():
         raise PrivilegeError(f"privilege step 'unprivileged start' failed: uids {os.getresuid()}; "
                              "--unprivileged must not run as root (without it, root drops privileges)")
-    _require_single_thread()
+    require_single_thread()
     capabilities.empty_sets()
     capabilities.verify_empty(bounding=False)
     _lock_down()

@@ -51,3 +51,11 @@ def require_status(name: str, key: str, expected: str) -> None:
     if found != expected:
         raise PrivilegeError(f"privilege step '{name}' did not take effect: /proc/self/status "
                              f"shows {key} {found}, expected {expected}")
+
+
+def require_single_thread() -> None:
+    """The drop and Landlock change the calling thread only: another would keep root or roam."""
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        raise PrivilegeError(f"privilege step 'check threads' failed: {threads} threads are running; "
+                             "drop privileges before starting any, or they would stay root")
