@@ -18,6 +18,7 @@ would prove nothing about the guard.
 from __future__ import annotations
 
 import time
+from typing import Callable, Iterator
 
 import pytest
 
@@ -31,7 +32,7 @@ COUNTING_PORT = 1971
 REQUEST = b"GET / HTTP/1.0\r\n\r\n"
 # listen value -> (addresses dialled from the client namespace, addresses dialled from
 # the gateway namespace, whether REDIRECT reaches this daemon at all)
-LISTENS = {
+LISTENS: dict[str, tuple[str, list[str], list[str], bool]] = {
     "wildcard": ("0.0.0.0, ::", ["127.0.0.1", CLIENT4, "::1", CLIENT6], [CLIENT4, CLIENT6], True),
     "non-loopback": (f"{CLIENT4}, {CLIENT6}", [CLIENT4, CLIENT6], [CLIENT4, CLIENT6], False),
     "loopback": ("127.0.0.1, ::1", ["127.0.0.1", "::1"], [], True),
@@ -39,15 +40,15 @@ LISTENS = {
 
 
 @pytest.fixture
-def counting(world: World) -> CountingUpstream:
+def counting(world: World) -> Iterator[CountingUpstream]:
     upstream = start_counting(world, "answer", COUNTING_PORT)
     try:
-        yield upstream  # type: ignore[misc]
+        yield upstream
     finally:
         upstream.process.stop()
 
 
-def _config(listen: str):  # type: ignore[no-untyped-def]
+def _config(listen: str) -> Callable[[int], str]:
     def config(port: int) -> str:
         section = daemon_section(port, connect_timeout=5).replace("listen = 127.0.0.1, ::1",
                                                                   f"listen = {listen}")
