@@ -233,7 +233,7 @@ def test_max_connections_refuses_further_clients_with_reset(world: World,
     """With max_connections = 2, a third client is reset at once; once one closes, a new
     client is relayed again."""
     def config(port: int) -> str:
-        return daemon_section(port, max_connections=2) + (
+        return daemon_section(port, max_connections=2, log_connections="yes") + (
             f"[upstreams]\n    [[dante]]\n    type = socks5\n    address = {GATEWAY4}:{peers.DANTE_PORT}\n"
             f"[routes]\n{peers.SILENT_PORT} = dante\n{peers.SINK_PORT} = dante\n")
     daemon = start_own_daemon("metaproxy-max", config)
@@ -241,14 +241,14 @@ def test_max_connections_refuses_further_clients_with_reset(world: World,
     try:
         for sock in held:
             sock.sendall(b"x")
-        daemon.wait_log("cid=2 open")
+        assert "cid=2 open" in daemon.wait_log("cid=2 open"), daemon.log()
         third = clients.exchange(world.client, WEB4, peers.SINK_PORT, b"x", half_close=True)
         assert third.reset and third.seconds < 1.0, f"{third}\ndaemon:\n{daemon.log()}"
     finally:
         held.pop().close()
     try:
         mark = daemon.mark()
-        daemon.wait_log("close", since=mark)
+        assert "close" in daemon.wait_log("close", since=mark), daemon.log()
         again = clients.exchange(world.client, WEB4, peers.SINK_PORT, b"x", half_close=True)
         assert again.data.decode() == f"{hashlib.sha256(b'x').hexdigest()} 1\n", f"{again}\n{daemon.log()}"
     finally:
