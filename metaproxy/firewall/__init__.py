@@ -1,6 +1,6 @@
 """Firewall rulesets generated from the configuration, as text (``--print-rules``).
 
-    render(config, backend, *, strict, unload=False, exempt_users=None) -> str
+    render(config, backend, *, strict, unload=False) -> str
 
 Back-ends (``BACKENDS``):
 
@@ -11,9 +11,10 @@ Back-ends (``BACKENDS``):
 Layers, each importing only those below it:
 
     __init__ (config -> plain values, registry)
+      plan (the builder: every decision)
       iptables, nftables (spelling)
         text (shared comments)
-          plan (the neutral plan: every decision)
+          rules (the vocabulary: matches, actions, chains, the Plan)
 
 Everything here is pure text generation: no I/O, no subprocess, no socket.
 The daemon never runs a firewall tool; tests/unit/test_firewall_purity.py
@@ -22,12 +23,13 @@ keeps it that way.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 from metaproxy.config.model import Config, InetAddress, RedirectMode, UnixAddress
 from metaproxy.errors import ConfigError
 from metaproxy.firewall import iptables, nftables
-from metaproxy.firewall.plan import Mode, Plan, PlanError, Settings, build
+from metaproxy.firewall.plan import build
+from metaproxy.firewall.rules import Mode, Plan, PlanError, Settings
 
 __all__ = ["BACKENDS", "render", "settings_from", "plan_for"]
 
@@ -42,13 +44,9 @@ _REGISTRY: dict[str, tuple[_Renderer, _Renderer]] = {
 BACKENDS: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def render(config: Config, backend: str, *, strict: bool, unload: bool = False,
-           exempt_users: Sequence[str] | None = None) -> str:
+def render(config: Config, backend: str, *, strict: bool, unload: bool = False) -> str:
     """The ruleset (or, with ``unload``, its removal) for ``backend``.
 
-    ``exempt_users``: users whose traffic is neither diverted nor rejected,
-    such as the user a local Tor runs as. None takes them from the config
-    (``[firewall] exempt_users``, when the config has that key).
     Raises ValueError for an unknown back-end, ConfigError for a value that
     cannot be put into a rule.
     """
@@ -56,22 +54,20 @@ def render(config: Config, backend: str, *, strict: bool, unload: bool = False,
         load, remove = _REGISTRY[backend]
     except KeyError:
         raise ValueError(f"unknown firewall back-end {backend!r}: expected one of {', '.join(BACKENDS)}") from None
-    plan = plan_for(config, strict=strict, exempt_users=exempt_users)
+    plan = plan_for(config, strict=strict)
     return remove(plan) if unload else load(plan)
 
 
-def plan_for(config: Config, *, strict: bool, exempt_users: Sequence[str] | None = None) -> Plan:
+def plan_for(config: Config, *, strict: bool) -> Plan:
     try:
-        return build(settings_from(config, strict=strict, exempt_users=exempt_users))
+        return build(settings_from(config, strict=strict))
     except PlanError as e:
         where = "[daemon] user" if e.key == "[daemon] user" else "[firewall] exempt_users"
         raise ConfigError([f"{config.source}: {where}: expected {e.expected}, found {e.found}"]) from e
 
 
-def settings_from(config: Config, *, strict: bool, exempt_users: Sequence[str] | None = None) -> Settings:
+def settings_from(config: Config, *, strict: bool) -> Settings:
     """The plain values of the config that the rules depend on."""
-    if exempt_users is None:
-        exempt_users = config.firewall.exempt_users
     proxies, local = [], []
     for name, upstream in config.upstreams.items():
         address = upstream.address
@@ -91,5 +87,5 @@ def settings_from(config: Config, *, strict: bool, exempt_users: Sequence[str] |
         proxies=tuple(dict.fromkeys(proxies)),  # the same proxy twice needs one rule
         local_proxies=tuple(local),
         dns=None if dns is None else (dns.host, dns.port),
-        exempt_users=tuple(dict.fromkeys(exempt_users)),
+        exempt_users=tuple(dict.fromkeys(config.firewall.exempt_users)),
     )

@@ -24,7 +24,7 @@ Why the text looks as it does:
 from __future__ import annotations
 
 from metaproxy.firewall import text
-from metaproxy.firewall.plan import (
+from metaproxy.firewall.rules import (
     Action, Chain, Dnat, Drop, Hook, Ndp, Plan, Redirect, Reject, RejectWith, Return, Rule, SetMark, Tproxy,
     endpoint,
 )

@@ -1,13 +1,13 @@
 """Comment text shared by the back-ends: what a ruleset is, how to load and remove it.
 
-Sits below ``iptables.py`` and ``nftables.py`` and imports only ``plan``.
+Sits below ``iptables.py`` and ``nftables.py`` and imports only ``rules``.
 """
 
 from __future__ import annotations
 
 import textwrap
 
-from metaproxy.firewall.plan import TPROXY_MARK, TPROXY_TABLE, Mode, Plan
+from metaproxy.firewall.rules import TPROXY_MARK, TPROXY_TABLE, Mode, Plan
 
 PROGRAM = "subgraph_metaproxy"
 WIDTH = 96

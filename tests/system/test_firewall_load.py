@@ -33,7 +33,7 @@ TOOLS = ["ip", "nft", "iptables-legacy-restore", "iptables-legacy-save", "iptabl
          "iptables-nft-save", "ip6tables-legacy-restore", "ip6tables-legacy-save", "ip6tables-nft-restore",
          "ip6tables-nft-save"]
 # A user that exists on every Debian system, standing in for debian-tor.
-EXEMPT = ["daemon"]
+EXEMPT = "daemon"
 _names = itertools.count()
 
 # family -> (backend, the two restore tools)
@@ -155,6 +155,7 @@ mode = {mode}
 "1001-2000" = lan_v6
 [firewall]
 dns = 192.0.2.53:53
+exempt_users = {EXEMPT}
 """)
     return load(str(path))
 
@@ -174,7 +175,7 @@ def test_iptables_rules_load_and_unload_leave_the_tables_as_before(
     netns.run([f"{tool}-restore", "--noflush"], stdin=SOMEONE_ELSES)
     before = netns.save(tool)
 
-    netns.run([f"{tool}-restore", "--noflush"], stdin=render(config, backend, strict=strict, exempt_users=EXEMPT))
+    netns.run([f"{tool}-restore", "--noflush"], stdin=render(config, backend, strict=strict))
     tables = by_table(netns.save(tool))
     assert "-A OUTPUT -p udp -m udp --dport 9 -j ACCEPT" in tables["filter"], "--noflush must keep other rules"
     expected = {"filter": strict, "mangle": mode == "tproxy", "nat": mode == "redirect" or (strict and family == 4)}
@@ -225,7 +226,7 @@ def test_nft_rules_load_idempotently_and_unload_leave_the_ruleset_as_before(
     netns.run(["nft", "-f", "-"], stdin=SOMEONE_ELSES_NFT)
     before = netns.save("nft")
 
-    text = render(config, "nftables", strict=strict, exempt_users=EXEMPT)
+    text = render(config, "nftables", strict=strict)
     netns.run(["nft", "-f", "-"], stdin=text)
     once = netns.save("nft")
     assert "table inet metaproxy" in once and "table inet someone" in once

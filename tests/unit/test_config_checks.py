@@ -26,7 +26,8 @@ import pytest
 from metaproxy import cli
 from metaproxy.config import load
 from metaproxy.errors import EX_CONFIG, EX_USAGE, ConfigError
-from metaproxy.firewall.plan import Mode, PlanError, Settings, build
+from metaproxy.firewall.plan import build
+from metaproxy.firewall.rules import Mode, PlanError, Settings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYTHON = "/usr/bin/python3"

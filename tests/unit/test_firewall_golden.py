@@ -20,8 +20,6 @@ from metaproxy.firewall import BACKENDS, render
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "firewall"
 UPDATE = os.environ.get("METAPROXY_UPDATE_GOLDEN") == "1"
-# The Tor setup the golden configs describe: Tor's own user is exempted.
-EXEMPT = ("debian-tor",)
 
 CASES = [(mode, backend, strict, unload)
          for mode in ("redirect", "tproxy")
@@ -39,7 +37,7 @@ def golden_name(mode: str, backend: str, strict: bool, unload: bool) -> str:
 def test_rules_equal_the_golden_file(mode: str, backend: str, strict: bool, unload: bool) -> None:
     """The generated ruleset (or its removal) equals the reviewed golden file."""
     config = load(str(GOLDEN / f"{mode}.conf"))
-    text = render(config, backend, strict=strict, unload=unload, exempt_users=EXEMPT)
+    text = render(config, backend, strict=strict, unload=unload)
     path = GOLDEN / golden_name(mode, backend, strict, unload)
     if UPDATE:
         path.write_text(text)

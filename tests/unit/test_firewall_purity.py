@@ -15,12 +15,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "metaproxy" / "firewall"
 STDLIB_ALLOWED = {"__future__", "dataclasses", "enum", "ipaddress", "re", "textwrap", "typing"}
 # module -> the project modules it may import
 LAYERS = {
-    "plan": set(),
-    "text": {"metaproxy.firewall.plan"},
-    "iptables": {"metaproxy.firewall", "metaproxy.firewall.plan"},
-    "nftables": {"metaproxy.firewall", "metaproxy.firewall.plan"},
+    "rules": set(),
+    "plan": {"metaproxy.firewall.rules"},
+    "text": {"metaproxy.firewall.rules"},
+    "iptables": {"metaproxy.firewall", "metaproxy.firewall.rules"},
+    "nftables": {"metaproxy.firewall", "metaproxy.firewall.rules"},
     "__init__": {"metaproxy.config.model", "metaproxy.errors", "metaproxy.firewall",
-                 "metaproxy.firewall.plan"},
+                 "metaproxy.firewall.plan", "metaproxy.firewall.rules"},
 }
 # "from metaproxy.firewall import X" is allowed only for these X, per module.
 FROM_PACKAGE = {"iptables": {"text"}, "nftables": {"text"}, "__init__": {"iptables", "nftables"}}

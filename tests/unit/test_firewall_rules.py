@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import pathlib
 import re
@@ -9,17 +10,18 @@ import re
 import pytest
 
 from metaproxy.config import load
-from metaproxy.config.model import Config
+from metaproxy.config.model import Config, FirewallSettings
 from metaproxy.errors import ConfigError
 from metaproxy.firewall import BACKENDS, plan_for, render
-from metaproxy.firewall.plan import (
+from metaproxy.firewall.rules import (
     DEFAULT_RESERVED, Dnat, Hook, Plan, Redirect, Reject, RejectWith, Return, SetMark, Tproxy,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def config(tmp_path: pathlib.Path, *, daemon: str = "", upstreams: str = "", dns: str = "") -> Config:
+def config(tmp_path: pathlib.Path, *, daemon: str = "", upstreams: str = "", dns: str = "",
+           exempt: list[str] | None = None, firewall: str = "") -> Config:
     """A config with a LAN SOCKS upstream, plus whatever the test adds."""
     path = tmp_path / "fw.conf"
     path.write_text(f"""
@@ -35,6 +37,8 @@ user = nobody
 * = lan
 [firewall]
 dns = "{dns}"
+exempt_users = {", ".join(exempt or []) or ","}
+{firewall}
 """)
     return load(str(path))
 
@@ -87,31 +91,20 @@ def test_a_local_upstream_without_exempt_users_prints_a_warning(tmp_path: pathli
     cfg = config(tmp_path, upstreams="    [[tor]]\n    type = socks5\n    address = unix:/run/tor/socks\n")
     for backend in BACKENDS:
         assert "NOTE: the upstream(s) tor run on this machine" in render(cfg, backend, strict=False)
-        assert "NOTE" not in render(cfg, backend, strict=False, exempt_users=["debian-tor"])
+        exempted = config(tmp_path, upstreams="    [[tor]]\n    type = socks5\n    address = unix:/run/tor/socks\n",
+                          exempt=["debian-tor"])
+        assert "NOTE" not in render(exempted, backend, strict=False)
 
 
 def test_exempt_users_are_neither_diverted_nor_rejected(tmp_path: pathlib.Path) -> None:
-    plan = plan_for(config(tmp_path), strict=True, exempt_users=["debian-tor", "debian-tor"])
+    plan = plan_for(config(tmp_path, exempt=["debian-tor", "debian-tor"]), strict=True)
     for hook in (Hook.NAT_OUTPUT, Hook.FILTER_OUTPUT):
         chain = plan.chain(hook)
         assert chain is not None
         exempt = [r for r in chain.rules if r.match.uid == "debian-tor"]
         assert len(exempt) == 1 and isinstance(exempt[0].action, Return)
-    text = render(config(tmp_path), "iptables", strict=True, exempt_users=["debian-tor"])
+    text = render(config(tmp_path, exempt=["debian-tor"]), "iptables", strict=True)
     assert text.count("-m owner --uid-owner debian-tor -j RETURN") == 2
-
-
-def test_exempt_users_come_from_the_config_when_it_has_the_key(tmp_path: pathlib.Path) -> None:
-    """A future [firewall] exempt_users is read without a change here."""
-    import dataclasses
-
-    @dataclasses.dataclass(frozen=True)
-    class Firewall:
-        dns: object = None
-        exempt_users: tuple[str, ...] = ("debian-tor",)
-
-    cfg = dataclasses.replace(config(tmp_path), firewall=Firewall())  # type: ignore[arg-type]
-    assert "--uid-owner debian-tor" in render(cfg, "iptables", strict=False)
 
 
 def test_a_listener_on_another_address_is_reached_by_dnat(tmp_path: pathlib.Path) -> None:
@@ -266,9 +259,9 @@ def test_unknown_backend_is_refused_with_the_choices(tmp_path: pathlib.Path) -> 
 
 @pytest.mark.parametrize("user", ['a"b', "x y", "evil\n-A OUTPUT -j ACCEPT", "", "-j"])
 def test_a_user_name_unfit_for_a_rule_is_a_config_error(tmp_path: pathlib.Path, user: str) -> None:
-    cfg = config(tmp_path)
+    cfg = dataclasses.replace(config(tmp_path), firewall=FirewallSettings(exempt_users=(user,)))
     with pytest.raises(ConfigError, match=r"\[firewall\] exempt_users: expected a user name"):
-        render(cfg, "nftables", strict=False, exempt_users=[user])
+        render(cfg, "nftables", strict=False)
 
 
 def test_the_service_user_is_checked_too(tmp_path: pathlib.Path) -> None:
@@ -281,7 +274,7 @@ def test_the_service_user_is_checked_too(tmp_path: pathlib.Path) -> None:
 
 
 def test_numeric_uids_are_accepted_and_unquoted_in_nft(tmp_path: pathlib.Path) -> None:
-    assert "meta skuid 108 return" in render(config(tmp_path), "nftables", strict=False, exempt_users=["108"])
+    assert "meta skuid 108 return" in render(config(tmp_path, exempt=["108"]), "nftables", strict=False)
 
 
 def test_shipped_config_renders_for_every_backend() -> None:
@@ -323,5 +316,5 @@ def test_tproxy_strict_allows_the_mark_and_guards_postrouting(tmp_path: pathlib.
 def test_neighbour_discovery_only_when_something_ipv6_is_let_out(
         tmp_path: pathlib.Path, upstreams: str, dns: str, exempt: list[str], allowed: bool) -> None:
     """Otherwise even the kernel's solicitations, which carry a MAC-derived address, stay in."""
-    text = render(config(tmp_path, upstreams=upstreams, dns=dns), "ip6tables", strict=True, exempt_users=exempt)
+    text = render(config(tmp_path, upstreams=upstreams, dns=dns, exempt=exempt), "ip6tables", strict=True)
     assert ("--icmpv6-type neighbour-solicitation -m hl --hl-eq 255 -j RETURN" in text) is allowed
