@@ -10,7 +10,7 @@ from typing import NoReturn
 from metaproxy import __version__
 from metaproxy.config import Config, load, replace_port
 from metaproxy.config.legacy import equivalent_text
-from metaproxy.errors import EX_CONFIG, EX_USAGE, ConfigError, MetaproxyError
+from metaproxy.errors import EX_CONFIG, EX_SOFTWARE, EX_USAGE, ConfigError, MetaproxyError
 
 DEFAULT_CONFIG = "/etc/subgraph_metaproxy.conf"
 log = logging.getLogger("metaproxy")
@@ -90,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 0
+    except Exception as e:
+        # A bug: exit 70 (EX_SOFTWARE) as the man page says, with where it
+        # happened but not its text, which may quote a destination.
+        from metaproxy.logsetup import internal_error
+        if log.handlers:
+            log.critical("internal error: %s", internal_error(e))
+        else:
+            print(f"subgraph_metaproxy: internal error: {internal_error(e)}", file=sys.stderr)
+        return EX_SOFTWARE
 
 
 def _check(config: Config) -> int:

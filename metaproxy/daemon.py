@@ -180,10 +180,13 @@ def _log_contained(found: privileged.Contained) -> None:
 
 
 def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """asyncio's default handler prints tracebacks and reprs, which may quote values."""
+    """asyncio's default handler prints messages, tracebacks and reprs, which may quote values.
+
+    Ours names the exception's type and the frames it went through, never its text.
+    """
     error = context.get("exception")
     log.error("internal error: %s%s", context.get("message", "unexpected"),
-              f" ({type(error).__name__})" if error else "")
+              f" ({logsetup.internal_error(error)})" if error else "")
 
 
 # The listening sockets (listen, port, mode) were bound as root, and the user and

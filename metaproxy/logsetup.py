@@ -65,6 +65,33 @@ class JournalFieldsHandler(logging.Handler):
             self.handleError(record)
 
 
+def internal_error(exc: BaseException, limit: int = 8) -> str:
+    """An unexpected exception as its type and the innermost frames: file, line, function.
+
+    Never its message or its locals: either may quote a destination. The frames
+    come from the traceback's code objects, so no source file is opened (the
+    sandbox may not allow it, and it is not needed to find the bug).
+    """
+    frames = [(tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_code.co_name)
+              for tb in _walk(exc.__traceback__)][-limit:]
+    where = " <- ".join(f"{_short(path)}:{line} in {func}" for path, line, func in reversed(frames))
+    return f"{type(exc).__name__}" + (f" at {where}" if where else "")
+
+
+def _walk(tb: Any) -> list[Any]:
+    out = []
+    while tb is not None:
+        out.append(tb)
+        tb = tb.tb_next
+    return out
+
+
+def _short(path: str) -> str:
+    """metaproxy/relay/server.py rather than where the package happens to be installed."""
+    cut = path.rfind("/metaproxy/")
+    return path[cut + 1:] if cut >= 0 else path
+
+
 def _cut(message: str) -> str:
     """At most MAX_MESSAGE bytes of UTF-8, marked when cut (see 3. above)."""
     data = message.encode("utf-8", "replace")

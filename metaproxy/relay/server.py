@@ -32,6 +32,7 @@ from metaproxy.config.model import Config, Isolation, RedirectMode, Upstream, Up
 from metaproxy.errors import DestinationUnknown, UpstreamError
 from metaproxy.kernel.original_dst import original_destination
 from metaproxy.kernel.peer_owner import client_uid
+from metaproxy.logsetup import internal_error
 from metaproxy.privacy import Destination
 from metaproxy.protocol.isolation import Isolator
 from metaproxy.relay.pipes import PipePool
@@ -172,7 +173,14 @@ class Server:
                 log.error("accept on %s failed: %s", listener.getsockname(), e.strerror)
                 continue
             self._backoff = _BACKOFF_FIRST
-            self._serve(client, peer)
+            try:
+                self._serve(client, peer)
+            except Exception as e:
+                # A bug must cost one connection, never the daemon or the rest of this batch.
+                self.counters.failed += 1
+                reset(client)
+                log.error("cid=%d internal error while serving the connection: %s", self._next_id,
+                          internal_error(e), extra={"cid": self._next_id})
 
     def _back_off(self, err: OSError) -> None:
         """Out of descriptors: stop accepting for a while instead of spinning.

@@ -217,3 +217,43 @@ def test_records_after_the_first_need_no_socket_or_file_calls() -> None:
         close_record(logger)
         logger.warning("%s", "x" * (logsetup.MAX_MESSAGE * 4))
     run_forked(body)
+
+
+def test_internal_error_names_type_and_frames_but_never_the_text() -> None:
+    def deep() -> None:
+        raise ValueError("cannot reach 198.51.100.2:443 for alice")
+    try:
+        deep()
+    except ValueError as e:
+        text = logsetup.internal_error(e)
+    assert text.startswith("ValueError at tests/unit/test_logsetup.py:") or text.startswith("ValueError at /"), text
+    assert " in deep <- " in text and "test_internal_error_names_type_and_frames" in text
+    assert "198.51.100.2" not in text and "alice" not in text and "443" not in text.split(" at ")[0]
+
+
+def test_loop_errors_are_logged_without_the_exception_text(caplog: pytest.LogCaptureFixture) -> None:
+    from metaproxy import daemon
+    try:
+        raise OSError("upstream for 203.0.113.9:22 failed")
+    except OSError as e:
+        error = e
+    with caplog.at_level(logging.ERROR, logger="metaproxy"):
+        daemon._log_loop_error(None, {"message": "exception in a relay callback", "exception": error})  # type: ignore[arg-type]
+    (record,) = caplog.records
+    assert record.getMessage().startswith("internal error: exception in a relay callback (OSError at ")
+    assert "203.0.113.9" not in record.getMessage()
+
+
+def test_cli_exits_70_on_an_unexpected_error_and_keeps_its_text_out(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from metaproxy import cli, daemon
+    conf = tmp_path / "m.conf"
+    conf.write_text("[upstreams]\n    [[tor]]\n    type = socks5\n    address = 127.0.0.1:9050\n[routes]\n* = tor\n")
+
+    def broken(*args: object, **kwargs: object) -> int:
+        raise KeyError("198.51.100.2")
+    monkeypatch.setattr(daemon, "run", broken)
+    logging.getLogger("metaproxy").handlers.clear()
+    assert cli.main(["-c", str(conf)]) == 70
+    err = capsys.readouterr().err
+    assert "internal error: KeyError at " in err and "198.51.100.2" not in err

@@ -1,13 +1,16 @@
-"""Server.drain and the accept back-off, on real loopback listeners.
+"""The Server (metaproxy.relay.server) on real loopback listeners: drain, accept back-off, bugs.
 
 No connection here is redirected, so none is relayed: the tests drive the
-parts of the server that decide when to accept and when a drain is over.
+parts of the server that decide when to accept, when a drain is over, and
+what a bug costs. Relaying is the fuzz harness's (test_fuzz_upstream.py) and
+the system tier's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import socket
 from pathlib import Path
 from typing import Any
@@ -133,3 +136,45 @@ def test_reload_keeps_isolation_secrets_of_unchanged_upstreams(tmp_path: Path) -
                 sock.close()
             server.poller.close()
     run(body)
+
+
+def test_a_bug_while_serving_costs_that_connection_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The client is reset, the line names where it broke but not the exception's text,
+    and the next connection is served."""
+    calls = []
+
+    def broken(sock: socket.socket, mode: Any) -> tuple[str, int]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bug near 198.51.100.2:443")
+        raise server_module.DestinationUnknown("cannot read the original destination")
+    monkeypatch.setattr(server_module, "original_destination", broken)
+
+    async def body() -> list[bytes | str]:
+        server = make_server(tmp_path)
+        port = server.listeners[0].getsockname()[1]
+        server.start()
+        outcomes: list[bytes | str] = []
+        try:
+            for _ in range(2):
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    try:
+                        outcomes.append(await asyncio.wait_for(reader.read(10), 2))
+                    finally:
+                        writer.close()
+                except ConnectionResetError:
+                    outcomes.append("reset")
+        finally:
+            await server.drain(0)
+            server.poller.close()
+        return outcomes
+    with caplog.at_level(logging.WARNING, logger="metaproxy"):
+        outcomes = run(body)
+    assert outcomes == ["reset", "reset"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("cid=1 internal error while serving the connection: RuntimeError at ")
+               and "in broken" in line for line in lines), lines
+    assert any("cid=2 refused: cannot read the original destination" in line for line in lines), lines
+    assert not any("198.51.100.2" in line for line in lines), lines
