@@ -79,7 +79,9 @@ def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str,
 
 async def _serve(config: Config, listeners: list, port_override: int | None, sandbox: _Sandbox) -> int:
     server = Server(config, listeners)
-    supervisor = Supervisor(server, reload=lambda: _reload(server, port_override, sandbox))
+    supervisor = Supervisor(status=server.counters.status, counters=server.counters_line,
+                            sweep=server.sweep_idle, sweep_every=server.sweep_interval,
+                            reload=lambda: _reload(server, port_override, sandbox))
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_log_loop_error)
     stop = asyncio.Event()

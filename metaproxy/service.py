@@ -23,15 +23,24 @@ from typing import Callable
 # have to open and stat files under it.
 from systemd import daemon as sd
 
-from metaproxy.relay.server import Server
-
 log = logging.getLogger("metaproxy")
 STATUS_EVERY = 5.0
 
 
 class Supervisor:
-    def __init__(self, server: Server, reload: Callable[[], None]) -> None:
-        self.server = server
+    """Takes what it needs from the server as plain callables, so it knows nothing of relays.
+
+    ``status``: the one-line counters for STATUS=; ``counters``: the SIGUSR1
+    line; ``sweep``: close idle relays, every ``sweep_every()`` seconds, asked
+    again at each tick so that a reload's idle_timeout takes effect.
+    """
+
+    def __init__(self, *, status: Callable[[], str], counters: Callable[[], str], sweep: Callable[[], object],
+                 sweep_every: Callable[[], float], reload: Callable[[], None]) -> None:
+        self._status_text = status
+        self._counters = counters
+        self._sweep = sweep
+        self._sweep_every = sweep_every
         self._reload = reload
         self._loop = asyncio.get_running_loop()
         self._timers: list[asyncio.TimerHandle] = []  # the pending tick of each periodic job
@@ -42,12 +51,12 @@ class Supervisor:
         self._watchdog = _watchdog_interval()
 
     def ready(self) -> None:
-        self._send("READY=1\nSTATUS=" + self.server.counters.status())
-        self._every(STATUS_EVERY, self._status)
-        sweep = min(30.0, max(1.0, self.server.config.daemon.idle_timeout / 4))
-        self._every(sweep, self.server.sweep_idle)
+        self._send("READY=1\nSTATUS=" + self._status_text())
+        self._every(lambda: STATUS_EVERY, self._status)
+        self._every(self._sweep_every, self._sweep)
         if self._watchdog:
-            self._every(self._watchdog, lambda: self._send("WATCHDOG=1"))
+            watchdog = self._watchdog
+            self._every(lambda: watchdog, lambda: self._send("WATCHDOG=1"))
 
     def reload(self) -> None:
         # MONOTONIC_USEC lets systemd >= 253 (Type=notify-reload) match this
@@ -57,33 +66,30 @@ class Supervisor:
         try:
             self._reload()
         finally:  # never leave systemd waiting in "reloading"
-            self._send("READY=1\nSTATUS=" + self.server.counters.status())
+            self._send("READY=1\nSTATUS=" + self._status_text())
 
     def log_counters(self) -> None:
-        c = self.server.counters
-        log.info("counters: %s; %d bytes up, %d bytes down; %d pipes in use; "
-                 "%d clients gone before their upstream was asked",
-                 c.status(), c.bytes_up, c.bytes_down, self.server.pool.in_use, c.gone)
+        log.info("counters: %s", self._counters())
 
     def stopping(self) -> None:
-        self._send("STOPPING=1\nSTATUS=draining: " + self.server.counters.status())
+        self._send("STOPPING=1\nSTATUS=draining: " + self._status_text())
 
     def close(self) -> None:
         for timer in self._timers:
             timer.cancel()
 
     def _status(self) -> None:
-        self._send("STATUS=" + self.server.counters.status())
+        self._send("STATUS=" + self._status_text())
 
-    def _every(self, seconds: float, action: Callable[[], object]) -> None:
+    def _every(self, seconds: Callable[[], float], action: Callable[[], object]) -> None:
         slot = len(self._timers)
 
         def tick() -> None:
             # Schedule the next tick first: a failing action must not end the job
             # (a stopped watchdog ping gets the daemon killed).
-            self._timers[slot] = self._loop.call_later(seconds, tick)
+            self._timers[slot] = self._loop.call_later(seconds(), tick)
             action()
-        self._timers.append(self._loop.call_later(seconds, tick))
+        self._timers.append(self._loop.call_later(seconds(), tick))
 
     def _send(self, message: str) -> None:
         if self._notify is None:

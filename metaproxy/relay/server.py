@@ -343,6 +343,16 @@ class Server:
 
     # -- upkeep ------------------------------------------------------------
 
+    def counters_line(self) -> str:
+        """What SIGUSR1 logs."""
+        c = self.counters
+        return (f"{c.status()}; {c.bytes_up} bytes up, {c.bytes_down} bytes down; {self.pool.in_use} pipes in use; "
+                f"{c.gone} clients gone before their upstream was asked")
+
+    def sweep_interval(self) -> float:
+        """Seconds between idle sweeps: a quarter of idle_timeout, from 1 to 30 s."""
+        return min(30.0, max(1.0, self.config.daemon.idle_timeout / 4))
+
     def sweep_idle(self) -> None:
         """Close relays idle longer than idle_timeout. One timer for all of them."""
         limit = self.config.daemon.idle_timeout

@@ -1,7 +1,7 @@
 """What the daemon tells systemd, through a real NOTIFY_SOCKET the test binds.
 
-The Supervisor runs on a real event loop against a stand-in server that has
-only what it reads: counters, the idle timeout, the pipe pool and the sweep.
+The Supervisor runs on a real event loop, wired to a stand-in server that has
+only what the callables read: counters, the idle timeout, the pipe pool and the sweep.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 from metaproxy import service
 from tests.unit.forked import require_seccomp, run_forked
-from metaproxy.relay.server import Counters
+from metaproxy.relay.server import Counters, Server
 
 
 @pytest.fixture
@@ -50,6 +50,13 @@ def fake_server(**counts: int) -> Any:
                            pool=SimpleNamespace(in_use=3), sweep_idle=lambda: swept.append(0), swept=swept)
 
 
+def supervise(server: Any, reload: Callable[[], None]) -> service.Supervisor:
+    """The Supervisor wired to a stand-in server as daemon.py wires it to the real one."""
+    return service.Supervisor(status=server.counters.status, counters=lambda: Server.counters_line(server),
+                              sweep=server.sweep_idle, sweep_every=lambda: Server.sweep_interval(server),
+                              reload=reload)
+
+
 def run(body: Callable[[], Any]) -> Any:
     """Run body() inside a fresh event loop (the Supervisor needs a running one)."""
     async def main() -> Any:
@@ -59,7 +66,7 @@ def run(body: Callable[[], Any]) -> Any:
 
 def test_ready_says_ready_with_the_live_counts(notify: socket.socket) -> None:
     async def body() -> None:
-        supervisor = service.Supervisor(fake_server(open=2, total=9, refused=1), reload=lambda: None)
+        supervisor = supervise(fake_server(open=2, total=9, refused=1), reload=lambda: None)
         supervisor.ready()
         supervisor.close()
     run(body)
@@ -71,7 +78,7 @@ def test_status_is_repeated_with_current_counts(notify: socket.socket, monkeypat
 
     async def body() -> None:
         server = fake_server()
-        supervisor = service.Supervisor(server, reload=lambda: None)
+        supervisor = supervise(server, reload=lambda: None)
         supervisor.ready()
         server.counters.open, server.counters.total = 5, 6
         await asyncio.sleep(0.18)
@@ -86,7 +93,7 @@ def test_reload_brackets_the_reload_with_reloading_and_ready(notify: socket.sock
     calls: list[str] = []
 
     async def body() -> None:
-        supervisor = service.Supervisor(fake_server(), reload=lambda: calls.append("reload"))
+        supervisor = supervise(fake_server(), reload=lambda: calls.append("reload"))
         supervisor.reload()
     run(body)
     first, second = received(notify)
@@ -101,7 +108,7 @@ def test_ready_follows_even_a_reload_that_raises(notify: socket.socket) -> None:
         raise RuntimeError("bug")
 
     async def body() -> None:
-        supervisor = service.Supervisor(fake_server(), reload=broken)
+        supervisor = supervise(fake_server(), reload=broken)
         with pytest.raises(RuntimeError):
             supervisor.reload()
     run(body)
@@ -110,7 +117,7 @@ def test_ready_follows_even_a_reload_that_raises(notify: socket.socket) -> None:
 
 def test_stopping_is_said_with_the_counts(notify: socket.socket) -> None:
     async def body() -> None:
-        service.Supervisor(fake_server(open=4), reload=lambda: None).stopping()
+        supervise(fake_server(open=4), reload=lambda: None).stopping()
     run(body)
     assert received(notify) == ["STOPPING=1\nSTATUS=draining: 4 open, 0 total, 0 refused, 0 upstream failures"]
 
@@ -120,7 +127,7 @@ def test_watchdog_pings_at_half_the_interval(notify: socket.socket, monkeypatch:
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
 
     async def body() -> None:
-        supervisor = service.Supervisor(fake_server(), reload=lambda: None)
+        supervisor = supervise(fake_server(), reload=lambda: None)
         supervisor.ready()
         await asyncio.sleep(0.23)
         supervisor.close()
@@ -145,7 +152,7 @@ def test_a_vanished_notify_socket_is_logged_once_and_jobs_go_on(
     server = fake_server()
 
     async def body() -> None:
-        supervisor = service.Supervisor(server, reload=lambda: None)
+        supervisor = supervise(server, reload=lambda: None)
         monkeypatch.setenv("NOTIFY_SOCKET", f"@mpj{os.getpid()}-nobody-listens")
         supervisor.ready()
         await asyncio.sleep(0.15)
@@ -159,7 +166,7 @@ def test_outside_systemd_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
 
     async def body() -> None:
-        supervisor = service.Supervisor(fake_server(), reload=lambda: None)
+        supervisor = supervise(fake_server(), reload=lambda: None)
         supervisor.ready()
         supervisor.reload()
         supervisor.stopping()
@@ -170,7 +177,7 @@ def test_outside_systemd_nothing_is_sent(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_sigusr1_line_has_every_counter(caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
         server = fake_server(open=1, total=10, refused=2, failed=3, gone=1, bytes_up=100, bytes_down=2000)
-        service.Supervisor(server, reload=lambda: None).log_counters()
+        supervise(server, reload=lambda: None).log_counters()
     with caplog.at_level(logging.INFO, logger="metaproxy"):
         run(body)
     assert caplog.records[-1].getMessage() == (
@@ -193,3 +200,20 @@ def test_notify_needs_only_af_unix_sockets_under_a_filter(notify: socket.socket)
             sd.notify(message)
     run_forked(body)
     assert received(notify) == ["READY=1", "STATUS=x", "STOPPING=1"]
+
+
+def test_the_idle_sweep_follows_a_reloaded_idle_timeout() -> None:
+    """The interval is asked again at every tick: after a reload that changes
+    idle_timeout, the next sweep comes at the new pace without a restart."""
+    server = fake_server()
+    server.config.daemon.idle_timeout = 4.0  # a sweep every second
+
+    async def body() -> int:
+        supervisor = supervise(server, reload=lambda: None)
+        supervisor.ready()
+        await asyncio.sleep(0.5)
+        server.config.daemon.idle_timeout = 120.0  # as after a reload: every 30 s from the next tick
+        await asyncio.sleep(1.7)  # a fixed 1 s interval would have swept twice by now
+        supervisor.close()
+        return len(server.swept)
+    assert run(body) == 1
