@@ -53,7 +53,7 @@ def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str,
         raise PrivilegeError("refusing to start: the daemon must start as root to bind and then drop "
                              f"to the user {d.user!r}; for development run it with --unprivileged")
 
-    config_path = os.path.abspath(config.source)  # before the drop's chdir("/")
+    sandbox = _Sandbox.of(config, os.path.abspath(config.source))  # before the drop's chdir("/")
     # Root phase: the only part that runs with privileges.
     listeners = privileged.bind_listeners(d.listen, d.port, transparent=d.mode is RedirectMode.TPROXY)
     if unprivileged:
@@ -64,7 +64,6 @@ def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str,
     log.info("subgraph_metaproxy listening on %s port %d (%s mode) as uid %d",
              ", ".join(d.listen), d.port, d.mode.value, os.getuid())
     loop = asyncio.new_event_loop()
-    sandbox = _Sandbox.of(config, config_path)
     _log_contained(privileged.restrict_access(sandbox.read_paths(), sandbox.ports))
     if d.seccomp is SeccompAction.OFF:
         log.warning("the seccomp filter is OFF (seccomp = off): a compromised daemon could make any "
