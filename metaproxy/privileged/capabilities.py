@@ -15,7 +15,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from metaproxy.errors import PrivilegeError
-from metaproxy.privileged.steps import require_module, require_status, step
+from metaproxy.privileged.steps import require_module, require_status, status, step
 
 
 def prctl() -> ModuleType:
@@ -23,10 +23,13 @@ def prctl() -> ModuleType:
 
 
 def empty_bounding_set() -> None:
-    """Drop every capability from the bounding set, up to the kernel's last one."""
-    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
-        last = int(f.read())
-    for cap in range(last + 1):
+    """Drop every capability the bounding set holds, as /proc/self/status lists it.
+
+    Not /proc/sys/kernel/cap_last_cap: the unit's ProcSubset=pid hides /proc/sys,
+    and the set itself is what has to be emptied (verify_empty reads it back).
+    """
+    held = int(status().get("CapBnd", "0"), 16)
+    for cap in (c for c in range(64) if held >> c & 1):
         try:
             step(f"drop capability {cap} from the bounding set", prctl().capbset_drop, cap)
         except ValueError as exc:  # python3-prctl refuses numbers it does not know
