@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pwd
+from typing import Callable
 
 from metaproxy.errors import PrivilegeError
 from metaproxy.privileged import capabilities
@@ -43,11 +44,13 @@ def _require_ids(uid: int, gid: int) -> None:
 
 
 def _require_root_unreachable() -> None:
-    for name, attempt, arg in (("setuid(0)", os.setuid, 0), ("seteuid(0)", os.seteuid, 0),
-                               ("setgid(0)", os.setgid, 0), ("setegid(0)", os.setegid, 0),
-                               ("setgroups([0])", os.setgroups, [0])):
+    attempts: tuple[tuple[str, Callable[[], None]], ...] = (
+        ("setuid(0)", lambda: os.setuid(0)), ("seteuid(0)", lambda: os.seteuid(0)),
+        ("setgid(0)", lambda: os.setgid(0)), ("setegid(0)", lambda: os.setegid(0)),
+        ("setgroups([0])", lambda: os.setgroups([0])))
+    for name, attempt in attempts:
         try:
-            attempt(arg)  # type: ignore[operator]
+            attempt()
         except PermissionError:
             continue
         raise PrivilegeError(f"privilege step 'regain root' failed: {name} succeeded after the drop")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 from metaproxy.errors import StartupError
 from metaproxy.privileged.steps import describe
@@ -32,7 +33,7 @@ REMEDIES = {
 }
 
 
-def _sockaddr(address: str, port: int) -> tuple[socket.AddressFamily, tuple[str | int, ...]]:
+def _sockaddr(address: str, port: int) -> tuple[socket.AddressFamily, tuple[Any, ...]]:
     literal = address.strip().removeprefix("[").removesuffix("]")
     flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV | socket.AI_PASSIVE
     try:

@@ -21,9 +21,10 @@ from typing import Callable, Protocol
 from metaproxy.relay.pipes import PipePool
 
 CHUNK = 256 * 1024
-# Debian 12's mypy (typeshed) predates os.splice; Python 3.10+ on Linux has it.
-_splice = os.splice  # type: ignore[attr-defined]
-_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK  # type: ignore[attr-defined]
+# Debian 12's mypy (typeshed) predates os.splice, Debian 13's knows it: getattr
+# reads the same on both (Python 3.10+ on Linux has it).
+_splice: Callable[..., int] = getattr(os, "splice")
+_SPLICE_FLAGS: int = getattr(os, "SPLICE_F_MOVE") | getattr(os, "SPLICE_F_NONBLOCK")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _copy_buffer = bytearray(CHUNK)
 _copy_view = memoryview(_copy_buffer)
