@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 from typing import NoReturn
 
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return _print_rules(config, args.print_rules, strict=args.strict, unload=args.unload)
 
     from metaproxy import daemon  # the serving side: not needed by -t and --print-rules
+    # The drop chdirs to /, and SIGHUP re-reads config.source: a relative -c must not break reload.
+    config = dataclasses.replace(config, source=os.path.abspath(config.source))
     try:
         return daemon.run(config, debug=args.debug, unprivileged=args.unprivileged, log_target=args.log_target,
                           port_override=args.port)

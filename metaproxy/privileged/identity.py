@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pwd
-from typing import Callable
 
 from metaproxy.errors import PrivilegeError
 from metaproxy.privileged import capabilities
@@ -44,11 +43,9 @@ def _require_ids(uid: int, gid: int) -> None:
 
 
 def _require_root_unreachable() -> None:
-    attempts: tuple[tuple[str, Callable[[], None]], ...] = (
-        ("setuid(0)", lambda: os.setuid(0)), ("seteuid(0)", lambda: os.seteuid(0)),
-        ("setgid(0)", lambda: os.setgid(0)), ("setegid(0)", lambda: os.setegid(0)),
-        ("setgroups([0])", lambda: os.setgroups([0])))
-    for name, attempt in attempts:
+    for name, attempt in (("setuid(0)", lambda: os.setuid(0)), ("seteuid(0)", lambda: os.seteuid(0)),
+                          ("setgid(0)", lambda: os.setgid(0)), ("setegid(0)", lambda: os.setegid(0)),
+                          ("setgroups([0])", lambda: os.setgroups([0]))):
         try:
             attempt()
         except PermissionError:

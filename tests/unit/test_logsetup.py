@@ -243,17 +243,3 @@ def test_loop_errors_are_logged_without_the_exception_text(caplog: pytest.LogCap
     assert record.getMessage().startswith("internal error: exception in a relay callback (OSError at ")
     assert "203.0.113.9" not in record.getMessage()
 
-
-def test_cli_exits_70_on_an_unexpected_error_and_keeps_its_text_out(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from metaproxy import cli, daemon
-    conf = tmp_path / "m.conf"
-    conf.write_text("[upstreams]\n    [[tor]]\n    type = socks5\n    address = 127.0.0.1:9050\n[routes]\n* = tor\n")
-
-    def broken(*args: object, **kwargs: object) -> int:
-        raise KeyError("198.51.100.2")
-    monkeypatch.setattr(daemon, "run", broken)
-    logging.getLogger("metaproxy").handlers.clear()
-    assert cli.main(["-c", str(conf)]) == 70
-    err = capsys.readouterr().err
-    assert "internal error: KeyError at " in err and "198.51.100.2" not in err
