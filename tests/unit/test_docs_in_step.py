@@ -284,3 +284,11 @@ def test_every_exit_status_of_the_errors_module_is_documented() -> None:
     documented = {int(i.split()[1]) for i in _items(status) if i.split()[1].isdigit()}
     missing = sorted((codes | {0}) - documented)
     assert not missing, f"subgraph_metaproxy.8 EXIT STATUS lacks: {missing}"
+
+
+def test_every_option_and_choice_is_named_in_the_contracts() -> None:
+    """docs/CONTRACTS.md is where the next engineer looks first: it must not fall behind --help."""
+    text = _read(ROOT / "docs/CONTRACTS.md")
+    missing = [o for o in cli_options() if not _mentions(text, o)]
+    missing += [f"{o} {c}" for o, choices in cli_choices().items() for c in choices if not _mentions(text, c)]
+    assert not missing, f"docs/CONTRACTS.md does not name: {', '.join(missing)}"
