@@ -6,7 +6,7 @@ PYTHON ?= /usr/bin/python3
 SYSPATH := /usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 PYTEST := env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: check deps lint typecheck unit system demo deb bench bench-smoke soak clean
+.PHONY: check deps lint typecheck unit system demo demo-tor tor-isolation-table deb bench bench-smoke soak clean
 
 # CI runs this (.ci/run). The bench smoke only proves the benchmark still runs;
 # its figures mean nothing at that length.
@@ -55,6 +55,16 @@ clean:
 # A live redirect through a real SOCKS5 server, in namespaces it builds and removes.
 demo: deps
 	env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) demo/run.py
+
+# The same through a real Tor: a private Tor network (Debian's tor, testing mode),
+# a curl and a wget of an .onion with no proxy settings, and the circuits used.
+demo-tor: deps
+	env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) demo/tor.py
+
+# Circuits and time for 100 connections to 5 destinations from 2 users under each
+# isolation mode, on the private Tor network (about a minute).
+tor-isolation-table: deps
+	env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m tests.system.tor_isolation_table
 
 # ---- deb (maintained with debian/ and tools/build-deb.sh) ----
 # The .deb from a copy of this tree, unit tests included (nocheck skips them),
