@@ -114,15 +114,18 @@ def _check(config: Config) -> int:
     """
     from metaproxy.firewall import plan_for
     try:
-        for strict in (False, True):
-            plan_for(config, strict=strict)
+        notes = [plan_for(config, strict=strict).notes for strict in (False, True)][-1]
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return EX_CONFIG
     for warning in config.warnings():
         print(warning, file=sys.stderr)
-    return _print_table(config)
+    code = _print_table(config)
+    if config.firewall.lan_interfaces:  # what gateway mode will do, and what the rules need
+        for line in config.gateway_summary() + [f"gateway: NOTE: {note}" for note in notes]:
+            print(line)
+    return code
 
 
 def _print_table(config: Config) -> int:

@@ -76,3 +76,17 @@ def _ip(host: str, version: int) -> None:
         raise ValueError(f"{host!r} is not an IP address (host names are not accepted)") from None
     if ip.version != version:
         raise ValueError(f"{host!r} is not an IPv{version} address")
+
+
+# An interface name as iptables (-i) and nftables (iifname) take it, at most
+# IFNAMSIZ - 1 = 15 characters, or a prefix of one ending in '*' (iptables
+# spells it '+'). Nothing that either tool reads as syntax may pass: no
+# quote, space, '!', '+' or '/'. A bare '*' (every interface) is refused:
+# it would divert the uplink too.
+_INTERFACE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}\*?")
+
+INTERFACE_RULE = "an interface name (letters, digits, '_', '.', '-', at most 15), or a prefix ending in '*'"
+
+
+def is_interface(text: str) -> bool:
+    return _INTERFACE.fullmatch(text) is not None and text not in ("lo", "lo*")

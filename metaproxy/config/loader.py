@@ -7,6 +7,7 @@ one line each: file, line, section, key, what was expected and what was found.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import stat
 from typing import Any
@@ -17,7 +18,8 @@ import validate
 from metaproxy.config import legacy
 from metaproxy.config import syntax
 from metaproxy.config.addresses import (
-    USER_NAME_RULE, is_user_name, parse_inet, parse_listen_ip, parse_port, parse_upstream_address,
+    INTERFACE_RULE, USER_NAME_RULE, is_interface, is_user_name, parse_inet, parse_listen_ip, parse_port,
+    parse_upstream_address,
 )
 from metaproxy.config.lines import LineIndex
 from metaproxy.config.model import (
@@ -153,10 +155,33 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
             problems.add(("firewall",), "dns", EXPECTED["dns"], str(e))
     for user in obj["firewall"]["exempt_users"]:
         _user_name(("firewall",), "exempt_users", user, problems)
+    lan = tuple(dict.fromkeys(obj["firewall"]["lan_interfaces"]))
+    _gateway(lan, daemon, problems)
     if problems.items:
         raise ConfigError(problems.items)
     return Config(source=path, daemon=daemon, upstreams=upstreams, routes=routes,
-                  firewall=FirewallSettings(dns=dns, exempt_users=tuple(obj["firewall"]["exempt_users"])))
+                  firewall=FirewallSettings(dns=dns, exempt_users=tuple(obj["firewall"]["exempt_users"]),
+                                            lan_interfaces=lan))
+
+
+def _gateway(lan: tuple[str, ...], daemon: DaemonSettings, problems: "_Problems") -> None:
+    """Gateway mode: names the rules can carry, and a listener that LAN clients can reach.
+
+    Under REDIRECT, PREROUTING rewrites a LAN client's connection to the
+    address of the interface it arrived on: a daemon listening on loopback
+    only would never see it (and DNAT to 127.0.0.1 from outside needs
+    route_localnet, which the rules do not ask for). TPROXY hands the packet
+    to the listening socket whatever its address, so loopback is enough.
+    """
+    for name in lan:
+        if not is_interface(name):
+            problems.add(("firewall",), "lan_interfaces", INTERFACE_RULE, repr(name))
+    if lan and daemon.mode is RedirectMode.REDIRECT and daemon.listen and \
+            all(ipaddress.ip_address(ip).is_loopback for ip in daemon.listen):
+        problems.add(("daemon",), "listen",
+                     "an address LAN clients reach (the gateway's address on [firewall] lan_interfaces, "
+                     "or 0.0.0.0 / ::), since lan_interfaces is set and mode is redirect",
+                     repr(", ".join(daemon.listen)))
 
 
 def _user_name(where: tuple[str, ...], key: str, name: str, problems: "_Problems") -> None:

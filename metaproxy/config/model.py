@@ -24,6 +24,7 @@ class Isolation(enum.Enum):
     CONNECTION = "connection"
     DESTINATION = "destination"
     USER = "user"
+    CLIENT = "client"  # the client's address: one unit per LAN client, like Tor's IsolateClientAddr
     NONE = "none"
 
 
@@ -141,6 +142,9 @@ class FirewallSettings:
     # Users whose traffic the rules neither divert nor reject: a local Tor
     # (debian-tor) must reach its guards directly, or it would loop into us.
     exempt_users: tuple[str, ...] = ()
+    # Gateway mode: the interfaces whose clients' connections are diverted in
+    # PREROUTING (a name, or a prefix ending in '*'). Empty: this host only.
+    lan_interfaces: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +165,26 @@ class Config:
         if not self.routes.names():
             return [f"{self.source}: warning: [routes] is empty: every connection will be refused"]
         return []
+
+    def gateway_summary(self) -> list[str]:
+        """What gateway mode will do, as ``-t`` prints it; empty without lan_interfaces."""
+        lan = self.firewall.lan_interfaces
+        if not lan:
+            return []
+        dns = f"sent to {self.firewall.dns}" if self.firewall.dns else "rejected (no [firewall] dns)"
+        client = [u.name for u in self.upstreams.values() if u.type is UpstreamType.SOCKS5
+                  and not u.username and u.isolation is Isolation.CLIENT]
+        user = [u.name for u in self.upstreams.values() if u.type is UpstreamType.SOCKS5
+                and not u.username and u.isolation is Isolation.USER]
+        lines = [f"gateway: TCP from clients on {', '.join(lan)} is diverted to port {self.daemon.port} "
+                 f"({self.daemon.mode.value}, in PREROUTING); their DNS is {dns}"]
+        if client:
+            lines.append(f"gateway: one Tor circuit per client address through {', '.join(client)}")
+        if user:
+            lines.append(f"gateway: {', '.join(user)} isolate by local user; a LAN client has none, so each "
+                         "of its connections gets fresh credentials")
+        lines.append("gateway: the daemon never sets sysctls; --print-rules names any the rules need")
+        return lines
 
     def relay_table(self) -> list[str]:
         """The effective table, one line per route, as ``-t`` prints it."""

@@ -26,7 +26,7 @@ address = string(min=1)
 username = string(max=255, default='')
 password = string(max=255, default='')
 connect_timeout = float(0.1, 600, default=None)
-isolation = option('connection', 'destination', 'user', 'none', default='connection')
+isolation = option('connection', 'destination', 'user', 'client', 'none', default='connection')
 
 [routes]
 __many__ = string(min=1)
@@ -34,6 +34,7 @@ __many__ = string(min=1)
 [firewall]
 dns = string(default='')
 exempt_users = string_list(default=list())
+lan_interfaces = string_list(default=list())
 """
 
 # What each check expects, in words, for error messages.
@@ -54,7 +55,8 @@ EXPECTED = {
     "address": "ip:port, [ipv6]:port or unix:/path",
     "username": "at most 255 characters",
     "password": "at most 255 characters",
-    "isolation": "one of connection, destination, user, none",
+    "isolation": "one of connection, destination, user, client, none",
     "dns": "ip:port or [ipv6]:port, or empty",
     "exempt_users": "a comma-separated list of user names",
+    "lan_interfaces": "a comma-separated list of interface names, or prefixes ending in '*'",
 }

@@ -62,7 +62,7 @@ def plan_for(config: Config, *, strict: bool) -> Plan:
     try:
         return build(settings_from(config, strict=strict))
     except PlanError as e:
-        where = "[daemon] user" if e.key == "[daemon] user" else "[firewall] exempt_users"
+        where = e.key if e.key.startswith("[") else "[firewall] exempt_users"
         raise ConfigError([f"{config.source}: {where}: expected {e.expected}, found {e.found}"]) from e
 
 
@@ -88,4 +88,5 @@ def settings_from(config: Config, *, strict: bool) -> Settings:
         local_proxies=tuple(local),
         dns=None if dns is None else (dns.host, dns.port),
         exempt_users=tuple(dict.fromkeys(config.firewall.exempt_users)),
+        lan_interfaces=config.firewall.lan_interfaces,
     )

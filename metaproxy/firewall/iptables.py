@@ -38,6 +38,9 @@ _PLACES = {
     Hook.MANGLE_PREROUTING: ("mangle", "PREROUTING", f"{CHAIN}_TPROXY"),
     Hook.MANGLE_POSTROUTING: ("mangle", "POSTROUTING", f"{CHAIN}_GUARD"),
     Hook.NAT_OUTPUT: ("nat", "OUTPUT", CHAIN),
+    Hook.NAT_PREROUTING: ("nat", "PREROUTING", f"{CHAIN}_LAN"),
+    Hook.FILTER_FORWARD: ("filter", "FORWARD", f"{CHAIN}_FORWARD"),
+    Hook.FILTER_INPUT: ("filter", "INPUT", f"{CHAIN}_INPUT"),
 }
 _LOAD_ORDER = ("filter", "mangle", "nat")
 
@@ -145,11 +148,23 @@ def _rule(rule: Rule, family: int) -> list[list[str]]:
         head += ["-o", "lo"]
     if m.out_not_loopback:
         head += ["!", "-o", "lo"]
+    if m.in_interface is not None:
+        head += ["-i", _interface(m.in_interface)]
+    if m.out_interface is not None:
+        head += ["-o", _interface(m.out_interface)]
+    if m.saddr is not None:
+        head += ["-s", str(m.saddr)]
     tail: list[str] = []
     if m.proto is not None:
         tail += ["-p", m.proto.value if m.proto.value != "icmpv6" else "ipv6-icmp"]
+        if m.sport is not None or m.dport is not None:
+            tail += ["-m", m.proto.value]
+        if m.sport is not None:
+            tail += ["--sport", str(m.sport)]
         if m.dport is not None:
-            tail += ["-m", m.proto.value, "--dport", str(m.dport)]
+            tail += ["--dport", str(m.dport)]
+    if m.daddr_local:
+        tail += ["-m", "addrtype", "--dst-type", "LOCAL"]
     if m.uid is not None:
         tail += ["-m", "owner", "--uid-owner", m.uid]
     if m.mark is not None:
@@ -160,6 +175,11 @@ def _rule(rule: Rule, family: int) -> list[list[str]]:
         return [head + d + ["-p", "ipv6-icmp", "-m", "icmp6", "--icmpv6-type", _NDP_NAMES[t],
                             "-m", "hl", "--hl-eq", "255"] + tail + target for d in dests for t in m.ndp]
     return [head + d + tail + target for d in dests]
+
+
+def _interface(name: str) -> str:
+    """iptables spells a prefix with '+' where the config (and nftables) write '*'."""
+    return name[:-1] + "+" if name.endswith("*") else name
 
 
 def _target(action: Action, family: int) -> list[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from metaproxy.firewall import text
 from metaproxy.firewall.rules import (
-    Action, Dnat, Drop, Hook, Match, Ndp, Plan, Redirect, Reject, RejectWith, Return, Rule, SetMark,
+    Action, Dnat, Drop, Hook, IPNetwork, Match, Ndp, Plan, Redirect, Reject, RejectWith, Return, Rule, SetMark,
     Tproxy, endpoint,
 )
 
@@ -35,9 +35,12 @@ _CHAINS = {
     Hook.MANGLE_PREROUTING: ("mangle_prerouting", "type filter hook prerouting priority -150; policy accept;"),
     Hook.MANGLE_POSTROUTING: ("mangle_postrouting", "type filter hook postrouting priority -150; policy accept;"),
     Hook.NAT_OUTPUT: ("nat_output", "type nat hook output priority -100; policy accept;"),
+    Hook.FILTER_INPUT: ("filter_input", "type filter hook input priority 0; policy accept;"),
+    Hook.FILTER_FORWARD: ("filter_forward", "type filter hook forward priority 0; policy accept;"),
+    Hook.NAT_PREROUTING: ("nat_prerouting", "type nat hook prerouting priority -100; policy accept;"),
 }
-_ORDER = (Hook.FILTER_OUTPUT, Hook.MANGLE_OUTPUT, Hook.MANGLE_PREROUTING, Hook.MANGLE_POSTROUTING,
-          Hook.NAT_OUTPUT)
+_ORDER = (Hook.FILTER_OUTPUT, Hook.FILTER_INPUT, Hook.FILTER_FORWARD, Hook.MANGLE_OUTPUT,
+          Hook.MANGLE_PREROUTING, Hook.MANGLE_POSTROUTING, Hook.NAT_OUTPUT, Hook.NAT_PREROUTING)
 
 _NDP_NAMES = {
     Ndp.ROUTER_SOLICIT: "nd-router-solicit",
@@ -108,8 +111,12 @@ def _rule(rule: Rule) -> str:
 
 def _match(m: Match) -> list[str]:
     words: list[str] = []
-    if m.family is not None and not m.daddr and not m.ndp:
+    if m.family is not None and not m.daddr and not m.ndp and m.saddr is None:
         words.append(f"meta nfproto {_NFPROTO[m.family]}")
+    if m.in_interface is not None:
+        words.append(f"iifname {_quote(m.in_interface)}")
+    if m.out_interface is not None:
+        words.append(f"oifname {_quote(m.out_interface)}")
     if m.in_loopback:
         words.append('iifname "lo"')
     if m.out_loopback:
@@ -120,16 +127,26 @@ def _match(m: Match) -> list[str]:
         words.append(f"meta skuid {m.uid if m.uid.isdigit() else _quote(m.uid)}")
     if m.mark is not None:
         words.append(f"meta mark {m.mark:#x}")
+    if m.daddr_local:
+        words.append("fib daddr type local")
+    if m.saddr is not None:
+        words.append(f"{_ADDR[m.saddr.version]} saddr {_net(m.saddr)}")
     if m.daddr:
         family = m.daddr[0].version
-        nets = [str(n.network_address) if n.prefixlen == n.max_prefixlen else str(n) for n in m.daddr]
+        nets = [_net(n) for n in m.daddr]
         words.append(f"{_ADDR[family]} daddr {nets[0] if len(nets) == 1 else '{ ' + ', '.join(nets) + ' }'}")
     if m.ndp:
         names = ", ".join(_NDP_NAMES[t] for t in m.ndp)
         words.append(f"icmpv6 type {{ {names} }} ip6 hoplimit 255")
     if m.proto is not None:
-        words.append(f"{m.proto.value} dport {m.dport}" if m.dport is not None else f"meta l4proto {m.proto.value}")
+        ports = ([f"sport {m.sport}"] if m.sport is not None else []) + \
+            ([f"dport {m.dport}"] if m.dport is not None else [])
+        words.append(f"{m.proto.value} {' '.join(ports)}" if ports else f"meta l4proto {m.proto.value}")
     return words
+
+
+def _net(net: IPNetwork) -> str:
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
 def _statement(action: Action) -> list[str]:
@@ -151,5 +168,6 @@ def _statement(action: Action) -> list[str]:
 
 
 def _quote(name: str) -> str:
-    # plan.build admits only [A-Za-z0-9_.-] (and a final '$'): nothing to escape.
+    # plan.build admits only [A-Za-z0-9_.-] (and a final '$' in a user name, a
+    # final '*' in an interface prefix, which nft reads as a wildcard): nothing to escape.
     return f'"{name}"'

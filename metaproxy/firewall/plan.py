@@ -7,6 +7,7 @@ order and scope is made here, once, so that the two back-ends cannot drift
 apart.
 
 Pure: no I/O, no sockets, no subprocesses. The daemon never runs a firewall tool.
+The chains for clients behind this host (gateway mode) are ``gateway.py``'s.
 
 Why the rules are ordered as they are (the ``divert`` chain is nat OUTPUT
 under REDIRECT, mangle OUTPUT under TPROXY):
@@ -38,6 +39,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from metaproxy.firewall import gateway
 from metaproxy.firewall.rules import (
     DNS_PORT, TPROXY_MARK, Action, Chain, Dnat, Drop, Hook, IPAddress, IPNetwork, Match, Mode, Ndp, Plan,
     PlanError, Proto, Redirect, Reject, RejectWith, Return, Rule, SetMark, Settings, Tproxy, endpoint,
@@ -55,6 +57,7 @@ def build(s: Settings) -> Plan:
     _check_user("[daemon] user", s.service_user)
     for user in s.exempt_users:
         _check_user("exempt user", user)
+    gateway.check_interfaces(s)
     reserved = _networks(s.reserved)
     # An upstream on loopback is covered by the loopback rules already.
     proxies = tuple((ip, port) for ip, port in ((ipaddress.ip_address(h), p) for h, p in s.proxies)
@@ -65,7 +68,8 @@ def build(s: Settings) -> Plan:
     chains = [Chain(Hook.NAT_OUTPUT if s.mode is Mode.REDIRECT else Hook.MANGLE_OUTPUT,
                     _divert(s, reserved, proxies, dns, listeners))]
     if s.mode is Mode.TPROXY:
-        chains.append(Chain(Hook.MANGLE_PREROUTING, _tproxy(s, listeners)))
+        chains.append(Chain(Hook.MANGLE_PREROUTING,
+                            _tproxy(s, listeners) + gateway.mangle_prerouting(s, reserved, listeners)))
         chains.append(Chain(Hook.MANGLE_POSTROUTING, (Rule(
             Match(mark=TPROXY_MARK, out_not_loopback=True), Drop(),
             "marked packets leave only through lo: without the policy routing they would go out "
@@ -75,7 +79,13 @@ def build(s: Settings) -> Plan:
             chains.append(Chain(Hook.NAT_OUTPUT, _leave_alone(s, dns[0].version) + _dns(dns)))
     if s.strict:
         chains.append(Chain(Hook.FILTER_OUTPUT, _strict(s, proxies, dns, listeners)))
-    return Plan(settings=s, chains=tuple(chains), notes=_notes(s, listeners))
+    if s.lan_interfaces:
+        chains += [Chain(hook, rules) for hook, rules in (
+            (Hook.NAT_PREROUTING, gateway.nat_prerouting(s, reserved, dns, listeners)),
+            (Hook.FILTER_FORWARD, gateway.filter_forward(s, dns)),
+            (Hook.FILTER_INPUT, gateway.filter_input(s, dns))) if rules]
+    notes = _notes(s, listeners) + tuple(gateway.notes(s, dns, listeners))
+    return Plan(settings=s, chains=tuple(chains), notes=notes)
 
 
 def _leave_alone(s: Settings, family: int | None = None) -> tuple[Rule, ...]:
@@ -189,6 +199,7 @@ def _strict(s: Settings, proxies: tuple[tuple[IPAddress, int], ...], dns: tuple[
         rules.append(Rule(Match(family=6, ndp=tuple(Ndp)), Return(),
                           "IPv6 neighbour discovery (on-link only: hop limit 255), to reach IPv6 "
                           "upstreams, the resolver or what exempted users reach"))
+    rules += gateway.filter_output(s)
     rules += [
         Rule(Match(proto=Proto.TCP), Reject(RejectWith.TCP_RESET), "everything else is refused at once"),
         Rule(Match(proto=Proto.UDP), Reject(RejectWith.PORT_UNREACHABLE), "everything else is refused at once"),

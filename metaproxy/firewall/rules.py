@@ -61,6 +61,10 @@ class Hook(enum.Enum):
     MANGLE_PREROUTING = "mangle prerouting"  # TPROXY: hand marked packets to the listener
     MANGLE_POSTROUTING = "mangle postrouting"  # TPROXY: marked packets must not leave (no policy routing)
     FILTER_OUTPUT = "filter output"        # strict: reject what is not allowed
+    # Gateway mode ([firewall] lan_interfaces): clients behind this host.
+    NAT_PREROUTING = "nat prerouting"      # REDIRECT/DNAT of what arrives on the LAN interfaces
+    FILTER_FORWARD = "filter forward"      # LAN DNS that is not ours; strict: nothing else is routed
+    FILTER_INPUT = "filter input"          # LAN DNS that is not ours; strict: only the daemon and DNS
 
 
 class Proto(enum.Enum):
@@ -85,7 +89,11 @@ class Ndp(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """All fields must match. ``family`` None means both IPv4 and IPv6."""
+    """All fields must match. ``family`` None means both IPv4 and IPv6.
+
+    ``in_interface`` and ``out_interface`` are names, or prefixes ending in
+    '*' (which iptables spells '+').
+    """
 
     family: int | None = None
     uid: str | None = None
@@ -97,6 +105,11 @@ class Match:
     dport: int | None = None
     ndp: tuple[Ndp, ...] = ()           # any of these; implies ICMPv6 with hop limit 255
     mark: int | None = None
+    in_interface: str | None = None
+    out_interface: str | None = None
+    daddr_local: bool = False           # to an address of this host (any interface)
+    saddr: IPNetwork | None = None
+    sport: int | None = None            # with proto
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +137,8 @@ class Reject:
 
 @dataclass(frozen=True, slots=True)
 class Drop:
-    """Only where REJECT is not allowed (POSTROUTING), and only as a safety net."""
+    """Where REJECT is not allowed (POSTROUTING, as a safety net), or where no reply is owed
+    (packets from outside bound for the LAN behind a gateway)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +186,7 @@ class Settings:
     dns: tuple[str, int] | None = None           # strict mode's resolver
     exempt_users: tuple[str, ...] = ()
     reserved: tuple[str, ...] = DEFAULT_RESERVED
+    lan_interfaces: tuple[str, ...] = ()         # gateway mode: clients behind these are diverted
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,15 @@ def summary(plan: Plan, what: str) -> list[str]:
     mode = plan.mode.value
     strict = ("strict (Tor enforcement: everything else that leaves this machine is rejected)"
               if plan.strict else "not strict (only TCP is diverted; other traffic is not touched)")
-    return [f"Firewall rules for {PROGRAM}(8), generated from its configuration: {what}.",
-            f"Mode {mode}, listener port {plan.settings.port}; {strict}."]
+    lines = [f"Firewall rules for {PROGRAM}(8), generated from its configuration: {what}.",
+             f"Mode {mode}, listener port {plan.settings.port}; {strict}."]
+    lan = plan.settings.lan_interfaces
+    if lan:
+        lines.append(f"Gateway: TCP from clients on {', '.join(lan)} is diverted to the daemon too, and their DNS "
+                     "goes to [firewall] dns or is rejected"
+                     + ("; nothing else from them is routed, and the gateway accepts from them only the daemon "
+                        "and DNS." if plan.strict else "."))
+    return lines
 
 
 def notes(plan: Plan) -> list[str]:

@@ -2,13 +2,15 @@
 
 Tor puts streams with different SOCKS username/password on different circuits.
 The isolation unit decides which streams may share: each connection, each
-destination, each local user, or all of them.
+destination, each local user, each client address (a LAN client behind a
+gateway, like Tor's IsolateClientAddr), or all of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 
 from metaproxy.config.model import Isolation
@@ -32,8 +34,14 @@ class Isolator:
         self.mode = mode
         self._secret = secret if secret is not None else secrets.token_bytes(32)
 
-    def credentials(self, dest_ip: str, dest_port: int, uid: int | None) -> tuple[str, str] | None:
+    def credentials(self, dest_ip: str, dest_port: int, uid: int | None,
+                    client: str | None = None) -> tuple[str, str] | None:
         """(username, password) for one connection, or None for isolation = none.
+
+        ``client`` is the client's address as the accepted socket sees it
+        (isolation = client); None, or a text that is not an address, gets a
+        fresh token. An IPv4-mapped IPv6 address counts as the IPv4 address,
+        so a dual-stack listener does not split one client in two.
 
         ``uid`` is the owner of the client's live, ESTABLISHED socket, or None
         when it is unknown (metaproxy.kernel.peer_owner). None gets a fresh
@@ -49,11 +57,14 @@ class Isolator:
             token = secrets.token_hex(16)
         elif self.mode is Isolation.DESTINATION:
             token = self._mac(f"dest|{dest_ip}|{dest_port}")
-        elif uid is not None:
+        elif self.mode is Isolation.CLIENT and (address := _client_address(client)) is not None:
+            token = self._mac(f"client|{address}")
+        elif self.mode is Isolation.USER and uid is not None:
             token = self._mac(f"uid|{uid}")
         else:
-            # The owner is unknown (gone, not local, not ESTABLISHED, a failed
-            # lookup): isolate more, never less.
+            # The owner is unknown (gone, a LAN client behind a gateway, not
+            # ESTABLISHED, a failed lookup), or the client's address is: isolate
+            # more, never less.
             token = secrets.token_hex(16)
         username = _PREFIX + token
         if username.startswith(TOR_RESERVED_PREFIX):
@@ -62,3 +73,16 @@ class Isolator:
 
     def _mac(self, text: str) -> str:
         return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _client_address(text: str | None) -> str | None:
+    """The canonical form of a client address; IPv4-mapped IPv6 as IPv4. None if unusable."""
+    if text is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)

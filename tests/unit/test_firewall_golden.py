@@ -21,8 +21,10 @@ from metaproxy.firewall import BACKENDS, render
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "firewall"
 UPDATE = os.environ.get("METAPROXY_UPDATE_GOLDEN") == "1"
 
+# redirect, tproxy: this host's programs; gateway, gateway-tproxy: clients behind it too.
+CONFIGS = ("redirect", "tproxy", "gateway", "gateway-tproxy")
 CASES = [(mode, backend, strict, unload)
-         for mode in ("redirect", "tproxy")
+         for mode in CONFIGS
          for backend in BACKENDS
          for strict in (False, True)
          for unload in (False, True)]
@@ -48,7 +50,7 @@ def test_rules_equal_the_golden_file(mode: str, backend: str, strict: bool, unlo
 
 def test_every_golden_file_belongs_to_a_case() -> None:
     """No stale golden file lingers after a case is removed."""
-    expected = {golden_name(*case) for case in CASES} | {"redirect.conf", "tproxy.conf"}
+    expected = {golden_name(*case) for case in CASES} | {f"{name}.conf" for name in CONFIGS}
     found = {p.name for p in GOLDEN.iterdir()}
     assert found == expected
 

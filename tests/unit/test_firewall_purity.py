@@ -16,7 +16,8 @@ STDLIB_ALLOWED = {"__future__", "dataclasses", "enum", "ipaddress", "re", "textw
 # module -> the project modules it may import
 LAYERS = {
     "rules": set(),
-    "plan": {"metaproxy.firewall.rules"},
+    "gateway": {"metaproxy.firewall.rules"},
+    "plan": {"metaproxy.firewall", "metaproxy.firewall.rules"},
     "text": {"metaproxy.firewall.rules"},
     "iptables": {"metaproxy.firewall", "metaproxy.firewall.rules"},
     "nftables": {"metaproxy.firewall", "metaproxy.firewall.rules"},
@@ -24,7 +25,7 @@ LAYERS = {
                  "metaproxy.firewall.plan", "metaproxy.firewall.rules"},
 }
 # "from metaproxy.firewall import X" is allowed only for these X, per module.
-FROM_PACKAGE = {"iptables": {"text"}, "nftables": {"text"}, "__init__": {"iptables", "nftables"}}
+FROM_PACKAGE = {"iptables": {"text"}, "nftables": {"text"}, "plan": {"gateway"}, "__init__": {"iptables", "nftables"}}
 FORBIDDEN_CALLS = {"open", "exec", "eval", "compile", "__import__", "input", "print"}
 
 
