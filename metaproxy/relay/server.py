@@ -255,8 +255,11 @@ class Server:
         isolator = self._isolators[upstream.name]
         uid = None
         if isolator.mode is Isolation.USER:
+            # A client behind a gateway has no socket here: None, fresh credentials.
             uid = client_uid(client.family, (_norm(peer[0]), peer[1]), (dest.ip, dest.port))
-        return isolator.credentials(dest.ip, dest.port, uid)
+        # isolation = client keys on the peer's address; it is never logged.
+        address = _norm(peer[0]) if isolator.mode is Isolation.CLIENT else None
+        return isolator.credentials(dest.ip, dest.port, uid, client=address)
 
     def _opened(self, cid: int, name: str, dest: Destination, started: float,
                 sock: socket.socket | None, early: bytes, error: UpstreamError | None) -> None:
