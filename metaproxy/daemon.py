@@ -24,7 +24,7 @@ import sys
 from metaproxy import logsetup, privileged
 from metaproxy.config import Config, load, replace_port
 from metaproxy.config.legacy import equivalent_text
-from metaproxy.config.model import InetAddress, RedirectMode, SeccompAction, UnixAddress
+from metaproxy.config.model import DaemonSettings, InetAddress, RedirectMode, SeccompAction, UnixAddress
 from metaproxy.errors import ConfigError, PrivilegeError
 from metaproxy.privacy import show_destinations
 from metaproxy.relay.server import Server
@@ -117,16 +117,12 @@ def _reload(server: Server, port_override: int | None = None, sandbox: _Sandbox 
         return
     if port_override:  # -p still wins over the file, as at start
         new = replace_port(new, port_override)
-    restart_only = [f for f in _RESTART_ONLY if getattr(new.daemon, f) != getattr(old.daemon, f)]
+    restart_only = [f for f in DaemonSettings.restart_only() if getattr(new.daemon, f) != getattr(old.daemon, f)]
     if restart_only:
         log.warning("reload: [daemon] %s changed; that takes a restart (systemctl restart metaproxy), "
                     "the running values stay", ", ".join(restart_only))
-    # Listeners, user and sandbox stay as started.
-    daemon = dataclasses.replace(old.daemon, max_connections=new.daemon.max_connections,
-                                 idle_timeout=new.daemon.idle_timeout, drain_timeout=new.daemon.drain_timeout,
-                                 connect_timeout=new.daemon.connect_timeout,
-                                 log_connections=new.daemon.log_connections,
-                                 log_refusals=new.daemon.log_refusals)
+    # Listeners, user and sandbox stay as started (DaemonSettings says which keys may change).
+    daemon = dataclasses.replace(old.daemon, **{f: getattr(new.daemon, f) for f in DaemonSettings.reloadable()})
     server.apply(dataclasses.replace(new, daemon=daemon))
     log.info("reloaded routes and upstreams from %s", old.source)
     for warning in new.warnings():
@@ -189,10 +185,6 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict) -> None:
     log.error("internal error: %s%s", context.get("message", "unexpected"),
               f" ({logsetup.internal_error(error)})" if error else "")
 
-
-# The listening sockets (listen, port, mode) were bound as root, and the user and
-# the sandbox were set before serving: none of them can change in place.
-_RESTART_ONLY = ("listen", "port", "mode", "user", "seccomp", "log_destinations")
 
 
 def _raise_nofile_limit() -> None:

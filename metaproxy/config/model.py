@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 
 class UpstreamType(enum.Enum):
@@ -117,23 +118,42 @@ class RouteTable:
         return found | ({self.fallback} if self.fallback else set())
 
 
+def _reloadable(default: Any) -> Any:
+    return field(default=default, metadata={"reload": True})
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
+    """Each key says whether a reload (SIGHUP) may change it: ``_reloadable(default)``.
+
+    The others were used before serving began: the listeners (listen, port,
+    mode) were bound as root, the user and the sandbox (seccomp) set, and the
+    debug warning about destinations logged. They take a restart.
+    """
+
     listen: tuple[str, ...] = ("127.0.0.1", "::1")
     port: int = 8675
     mode: RedirectMode = RedirectMode.REDIRECT
     user: str = "_metaproxy"
-    max_connections: int = 4096
-    idle_timeout: float = 900.0
-    connect_timeout: float = 10.0
-    drain_timeout: float = 10.0
+    max_connections: int = _reloadable(4096)
+    idle_timeout: float = _reloadable(900.0)
+    connect_timeout: float = _reloadable(10.0)
+    drain_timeout: float = _reloadable(10.0)
     log_destinations: bool = False
     # Per-connection open/close lines (scrubbed unless log_destinations). Off by
     # default: when connections happen and how many bytes they move are
     # traffic-analysis material, and the journal keeps them on disk.
-    log_connections: bool = False
-    log_refusals: int = 10  # refusal lines per minute; the rest are counted in one line
+    log_connections: bool = _reloadable(False)
+    log_refusals: int = _reloadable(10)  # refusal lines per minute; the rest are counted in one line
     seccomp: SeccompAction = SeccompAction.KILL
+
+    @classmethod
+    def reloadable(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.metadata.get("reload"))
+
+    @classmethod
+    def restart_only(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if not f.metadata.get("reload"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,3 +53,12 @@ def test_a_changed_listen_setting_is_reported_and_kept(tmp_path: Path, caplog: p
                 sock.close()
             server.poller.close()
     assert "[daemon] user changed; that takes a restart" in run(body)
+
+
+def test_the_reload_policy_is_declared_once_on_the_settings() -> None:
+    """What a SIGHUP may change is read from DaemonSettings, and nothing else decides it:
+    the listeners, the user, the sandbox and the debug warning were set up before serving."""
+    from metaproxy.config.model import DaemonSettings
+    assert set(DaemonSettings.restart_only()) == {"listen", "port", "mode", "user", "seccomp", "log_destinations"}
+    assert set(DaemonSettings.reloadable()) == {"max_connections", "idle_timeout", "connect_timeout",
+                                                "drain_timeout", "log_connections", "log_refusals"}
