@@ -106,7 +106,8 @@ def filter_input(s: Settings, dns: Resolver | None) -> tuple[Rule, ...]:
     for lan in s.lan_interfaces:
         if dns is not None and not (dns[0].version == 6 and dns[0].is_loopback):
             ip, port = dns
-            rules += [Rule(Match(in_interface=lan, daddr=(ipaddress.ip_network(ip),), proto=p, dport=port),
+            rules += [Rule(Match(family=ip.version, in_interface=lan, daddr=(ipaddress.ip_network(ip),), proto=p,
+                                 dport=port),
                            Return(), "LAN DNS sent to the configured resolver") for p in (Proto.UDP, Proto.TCP)]
         if s.strict:
             if s.mode is Mode.REDIRECT:
@@ -218,9 +219,9 @@ def _resolver_forwarded(lan: str, dns: Resolver | None) -> list[Rule]:
         return []
     ip, port = dns
     net = ipaddress.ip_network(ip)
-    rules = [Rule(Match(in_interface=lan, daddr=(net,), proto=p, dport=port), Return(),
+    rules = [Rule(Match(family=ip.version, in_interface=lan, daddr=(net,), proto=p, dport=port), Return(),
                   "LAN DNS sent to the configured resolver") for p in (Proto.UDP, Proto.TCP)]
-    rules += [Rule(Match(out_interface=lan, saddr=net, proto=p, sport=port), Return(),
+    rules += [Rule(Match(family=ip.version, out_interface=lan, saddr=net, proto=p, sport=port), Return(),
                    "the configured resolver's answers") for p in (Proto.UDP, Proto.TCP)]
     return rules
 

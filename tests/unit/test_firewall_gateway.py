@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import pathlib
+import re
 
 import pytest
 
@@ -171,3 +172,13 @@ def test_iptables_removal_names_every_gateway_chain(tmp_path: pathlib.Path) -> N
 def test_without_lan_interfaces_no_gateway_chain_exists(tmp_path: pathlib.Path) -> None:
     plan = plan_for(config(tmp_path, lan=","), strict=True)
     assert {c.hook for c in plan.chains} == {Hook.NAT_OUTPUT, Hook.FILTER_OUTPUT}
+
+
+@pytest.mark.parametrize("dns", ["203.0.113.1:5353", "192.0.2.53:53", "[2001:db8:3::1]:5353"])
+def test_each_iptables_half_names_addresses_of_its_own_family_only(tmp_path: pathlib.Path, dns: str) -> None:
+    """ip6tables-restore refuses an IPv4 address (and iptables-restore an IPv6 one): the whole load fails."""
+    cfg = config(tmp_path, dns=dns)
+    for strict in (False, True):
+        v4, v6 = render(cfg, "iptables", strict=strict), render(cfg, "ip6tables", strict=strict)
+        assert not re.search(r"-[sd] [0-9a-f]*:", "\n".join(x for x in v4.splitlines() if not x.startswith("#")))
+        assert not re.search(r"-[sd] \d+\.\d+\.\d+\.\d+", v6)
