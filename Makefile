@@ -6,7 +6,7 @@ PYTHON ?= /usr/bin/python3
 SYSPATH := /usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin
 PYTEST := env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) -m pytest -p no:cacheprovider
 
-.PHONY: check deps lint typecheck unit system demo demo-tor tor-isolation-table deb bench bench-smoke soak clean
+.PHONY: check deps lint typecheck unit system demo demo-gateway demo-tor tor-isolation-table deb bench bench-smoke soak clean
 
 # CI runs this (.ci/run). The bench smoke only proves the benchmark still runs;
 # its figures mean nothing at that length.
@@ -55,6 +55,11 @@ clean:
 # A live redirect through a real SOCKS5 server, in namespaces it builds and removes.
 demo: deps
 	env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) demo/run.py
+
+# Gateway mode: three namespaces on a bridge behind a router that runs the daemon
+# and the strict rules for lan_interfaces; dante's log shows one username per client.
+demo-gateway: deps
+	env PATH=$(SYSPATH) PYTHONDONTWRITEBYTECODE=1 $(PYTHON) demo/gateway.py
 
 # The same through a real Tor: a private Tor network (Debian's tor, testing mode),
 # a curl and a wget of an .onion with no proxy settings, and the circuits used.
