@@ -123,6 +123,7 @@ class Server:
         self.relays: set[Relay] = set()
         self.pending: dict[int, _Pending] = {}  # by cid: clients whose upstream is being dialled
         self._own = {(_norm(s.getsockname()[0]), s.getsockname()[1]) for s in listeners}
+        self._wildcard_ports = {port for ip, port in self._own if _is_any(ip)}
         self._next_id = 0
         self._accepting = False
         self._draining = False
@@ -309,10 +310,14 @@ class Server:
         wildcard, or an address of this host other than the one dialled),
         that is exactly the case where relaying would come back to us.
         Under TPROXY the local end always is the original destination, so
-        only the listeners' own addresses count.
+        that test cannot tell; the listeners' addresses are the guard. A
+        wildcard listener answers on every local address, and a local address
+        cannot be told from a remote one without the routing table: every
+        destination on its port is refused, at the cost of relaying nothing
+        to a remote service on that one port.
         """
         if self.config.daemon.mode is RedirectMode.TPROXY:
-            return (dest.ip, dest.port) in self._own or (dest.port == self._listen_port() and _is_any(dest.ip))
+            return (dest.ip, dest.port) in self._own or dest.port in self._wildcard_ports
         here = client.getsockname()
         return dest.port == here[1] and dest.ip == _norm(here[0])
 
@@ -340,9 +345,6 @@ class Server:
             self.counters.refused += 1
         reset(client)
         self.refusals.refused(cid, why, dest)
-
-    def _listen_port(self) -> int:
-        return self.listeners[0].getsockname()[1] if self.listeners else self.config.daemon.port
 
     # -- upkeep ------------------------------------------------------------
 

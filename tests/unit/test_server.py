@@ -178,3 +178,26 @@ def test_a_bug_while_serving_costs_that_connection_only(tmp_path: Path, monkeypa
                and "in broken" in line for line in lines), lines
     assert any("cid=2 refused: cannot read the original destination" in line for line in lines), lines
     assert not any("198.51.100.2" in line for line in lines), lines
+
+
+def test_tproxy_loop_guard_refuses_every_address_on_a_wildcard_listeners_port(tmp_path: Path) -> None:
+    """Under TPROXY the local end is the original destination, so a direct connection to
+    any local address on a wildcard listener's port must be refused, not relayed back."""
+    from metaproxy.privacy import Destination
+
+    async def body() -> list[bool]:
+        wildcard = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        wildcard.bind(("0.0.0.0", 0))
+        wildcard.listen(4)
+        port = wildcard.getsockname()[1]
+        path = tmp_path / "metaproxy.conf"
+        path.write_text(CONFIG.format(port=port).replace("[daemon]\n", "[daemon]\nmode = tproxy\n"))
+        server = Server(load(str(path)), [wildcard])
+        try:
+            return [server._not_redirected(None, Destination(ip, p))  # type: ignore[arg-type]
+                    for ip, p in (("192.0.2.1", port), ("127.0.0.1", port), ("0.0.0.0", port),
+                                  ("198.51.100.2", 80), ("198.51.100.2", port + 1))]
+        finally:
+            wildcard.close()
+            server.poller.close()
+    assert run(body) == [True, True, True, False, False]
