@@ -1,7 +1,8 @@
 """The uid of the local process that opened a redirected connection.
 
-One exact inet_diag lookup per connection (metaproxy.protocol.inet_diag has
-the bytes and the reasons). Why it is done this way:
+One exact inet_diag lookup per connection, and a filtered dump when it finds
+nothing (metaproxy.protocol.inet_diag has the bytes and the reasons). Why it
+is done this way:
 
 1. The client's own socket is the one whose local end is our peer and whose
    remote end is the ORIGINAL destination: REDIRECT rewrote the client's
@@ -9,7 +10,8 @@ the bytes and the reasons). Why it is done this way:
    listener, belongs to us and says nothing about the client.
 2. Not /proc/net/tcp: reading it lists every socket of the namespace, so its
    cost grows with sockets any user can open, and it runs in the event loop.
-   The exact lookup costs the same with 10 or 18,000 sockets.
+   The exact lookup costs the same with 10 or 18,000 sockets; the fallback
+   (point 5) copies only the matches.
 3. One socket per lookup, non-blocking: the kernel answers a sock_diag request
    while sendto() runs, so the reply is already queued when recv() is called;
    if it is not, the owner is unknown. The lookup never waits. A socket per
@@ -19,6 +21,16 @@ the bytes and the reasons). Why it is done this way:
 4. Any doubt (no such socket, not ESTABLISHED, an error, a malformed reply)
    answers None: the caller then isolates the connection on its own, never
    with a shared or root's token.
+5. The fallback, for a peer port that REDIRECT's NAT changed: only when the
+   exact lookup found no entry at all (an entry in another state is the
+   client, gone or going: None). It runs on the same socket, one dump of both
+   socket families, the filter evaluated by the kernel, so only the matches
+   are copied; the kernel still walks its whole established table (about
+   2 ms for 262,144 buckets here). The kernel queues the first datagram
+   during sendto() and the next one during each recv(), so the reading stays
+   non-blocking. At most MAX_RECVS datagrams of
+   DUMP_BUFFER bytes per dump; a dump not finished by then, more than
+   MAX_MATCHES matches, or any error: None.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import socket
 from metaproxy.protocol import inet_diag
 
 _SEQUENCE = itertools.count(1)
+MAX_RECVS = 4  # per dump: MAX_MATCHES entries fit in one or two datagrams
 
 
 def client_uid(family: int, peer: tuple[str, int], dest: tuple[str, int]) -> int | None:
@@ -42,17 +55,36 @@ def client_uid(family: int, peer: tuple[str, int], dest: tuple[str, int]) -> int
     seq = next(_SEQUENCE) & 0xFFFF_FFFF
     try:
         request = inet_diag.exact_request(peer, dest, seq)
+        bytecode = inet_diag.flow_filter(peer[0], dest)
     except ValueError:
         return None
     try:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
                            inet_diag.NETLINK_SOCK_DIAG) as netlink:
             netlink.send(request)
-            reply = netlink.recv(inet_diag.REPLY_BUFFER)
+            entry = inet_diag.parse_reply(netlink.recv(inet_diag.REPLY_BUFFER), seq)
+            if entry is not None:
+                return inet_diag.established_owner(entry, peer, dest)
+            entries = _dump(netlink, inet_diag.dump_request(dest[1], bytecode, seq + 1), seq + 1)
     except OSError:  # EAGAIN (no reply queued), EAFNOSUPPORT (RestrictAddressFamilies), ENOBUFS...
         return None
-    try:
-        entry = inet_diag.parse_reply(reply, seq)
     except inet_diag.DiagError:
         return None
-    return inet_diag.established_owner(entry, peer, dest)
+    return inet_diag.agreed_owner(entries, peer[0], dest)
+
+
+def _dump(netlink: socket.socket, request: bytes, seq: int) -> list[inet_diag.Entry]:
+    """The entries of the filtered dump, read in at most MAX_RECVS datagrams.
+
+    Raises DiagError for a dump that does not end in time, is malformed, or
+    has more than MAX_MATCHES entries; OSError from the socket."""
+    netlink.send(request)
+    entries: list[inet_diag.Entry] = []
+    for _ in range(MAX_RECVS):
+        found, done = inet_diag.parse_dump(netlink.recv(inet_diag.DUMP_BUFFER), seq)
+        entries += found
+        if len(entries) > inet_diag.MAX_MATCHES:
+            raise inet_diag.DiagError(f"more than {inet_diag.MAX_MATCHES} sockets match the flow")
+        if done:
+            return entries
+    raise inet_diag.DiagError(f"the dump did not end within {MAX_RECVS} datagrams")

@@ -4,22 +4,33 @@ The client runs in a forked child as uid 65534 (nobody), and the lookup runs
 in another forked child as uid 65533, as the daemon runs it: unprivileged.
 Over IPv4, IPv6, a v4-mapped peer of a dual-stack listener, and a client whose
 own socket is AF_INET6 connected to a v4-mapped address. Root only (setresuid).
+
+At the bottom, a real iptables REDIRECT in a network namespace the test
+creates and removes: a client reusing its source port while conntrack
+remembers the previous connection is given another port by NAT, the exact
+lookup misses, and the fallback finds the owner, unless two users share the
+address and destination.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import select
 import signal
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from metaproxy.config.model import Isolation
 from metaproxy.kernel.peer_owner import client_uid
+from metaproxy.protocol import inet_diag
+from metaproxy.protocol.isolation import Isolator
 from tests.unit.test_privileged_forking import in_child, require_root
 
 CLIENT_UID, LOOKUP_UID = 65534, 65533
@@ -27,9 +38,11 @@ WAIT = 10.0  # every wait below is bounded by this
 
 
 @contextlib.contextmanager
-def _client(uid: int, family: int, address: tuple[str, int], linger0: bool = False) -> Iterator[Callable[[], None]]:
-    """A child that connects as ``uid`` and stays connected until hang_up() is called or the
-    block ends; it then closes (with a reset if linger0) and exits. Yields hang_up."""
+def _client(uid: int, family: int, address: tuple[str, int], linger0: bool = False,
+            bind: tuple[str, int] | None = None) -> Iterator[Callable[[], None]]:
+    """A child that connects as ``uid`` (from ``bind``, with SO_REUSEADDR, if given) and stays
+    connected until hang_up() is called or the block ends; it then closes (with a reset if
+    linger0) and exits. Yields hang_up."""
     ready_r, ready_w = os.pipe()
     hold_r, hold_w = os.pipe()
     pid = os.fork()
@@ -43,6 +56,9 @@ def _client(uid: int, family: int, address: tuple[str, int], linger0: bool = Fal
             os.setresuid(uid, uid, uid)
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.settimeout(WAIT)
+            if bind is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(bind)
             sock.connect(address)
             os.write(ready_w, b"c")
             select.select([hold_r], [], [], WAIT)
@@ -128,11 +144,23 @@ def test_finds_the_non_root_owner_of_a_live_socket(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_no_owner_for_another_tuple(case: str) -> None:
-    """Another destination port: no such socket, so None, not a neighbour's uid."""
+def test_no_owner_for_another_destination_or_address(case: str) -> None:
+    """Another destination port, or another peer address: no such socket, so None, not a
+    neighbour's uid."""
     with _accepted(case) as (accepted, peer, dest, _):
         assert client_uid(accepted.family, peer, (dest[0], 1)) is None
-        assert client_uid(accepted.family, (peer[0], 1), dest) is None
+        assert client_uid(accepted.family, (peer[0], 1), (dest[0], 1)) is None
+        other = "127.0.0.2" if "." in peer[0] else "::2"
+        assert client_uid(accepted.family, (other, peer[1]), dest) is None
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_another_source_port_finds_the_one_socket_from_that_address(case: str) -> None:
+    """The fallback: no socket has that source port, but exactly one live socket goes from
+    the peer's address to the destination, so its owner is the answer (as when NAT changed
+    the port; the REDIRECT test below does it for real)."""
+    with _accepted(case) as (accepted, peer, dest, _):
+        assert _lookup_unprivileged(accepted.family, (peer[0], 1), dest) == CLIENT_UID
 
 
 @pytest.mark.parametrize("linger0", [False, True], ids=["closed", "reset"])
@@ -160,3 +188,151 @@ def test_a_root_client_is_root() -> None:
 def test_malformed_addresses_have_no_owner() -> None:
     assert client_uid(socket.AF_INET, ("not an address", 1), ("127.0.0.1", 2)) is None
     assert client_uid(socket.AF_INET6, ("::1", 1), ("127.0.0.1", 2)) is None
+
+
+# -- a real REDIRECT that changes the source port ------------------------------
+
+CLIENT_ADDRESS, ORIGINAL = "192.0.2.1", "198.51.100.2"
+REUSED_PORT, LISTEN_PORT = 40000, 8675
+OTHER_UID = 4242
+CLONE_NEWNET = 0x40000000
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=WAIT)
+
+
+@contextlib.contextmanager
+def _redirect_namespace() -> Iterator[str]:
+    """A namespace with both documentation addresses on lo and an iptables REDIRECT of every
+    TCP connection to ORIGINAL towards port LISTEN_PORT; removed at the end, even on failure.
+    Its only processes are the forked children, each ended by PID within WAIT."""
+    require_root()
+    name = f"mp-peerowner-{os.getpid()}"
+    _ip("netns", "add", name)
+    try:
+        _ip("-n", name, "link", "set", "lo", "up")
+        for address in (CLIENT_ADDRESS, ORIGINAL):
+            _ip("-n", name, "address", "add", f"{address}/32", "dev", "lo")
+        subprocess.run(["ip", "netns", "exec", name, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp",
+                        "-d", ORIGINAL, "-j", "REDIRECT", "--to-ports", str(LISTEN_PORT)],
+                       check=True, capture_output=True, timeout=WAIT)
+        yield name
+    finally:
+        _ip("netns", "delete", name)
+
+
+def _enter(name: str) -> None:
+    """setns() into the namespace; only ever called in a forked child."""
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name}")
+    finally:
+        os.close(fd)
+
+
+def _exact_only(peer: tuple[str, int], dest: tuple[str, int]) -> int | None:
+    """The lookup as it was before the fallback: the exact 4-tuple alone."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, inet_diag.NETLINK_SOCK_DIAG) as nl:
+        nl.send(inet_diag.exact_request(peer, dest, 1))
+        return inet_diag.established_owner(inet_diag.parse_reply(nl.recv(inet_diag.REPLY_BUFFER), 1), peer, dest)
+
+
+def _redirected(listener: socket.socket, uid: int, port: int, stack: contextlib.ExitStack,
+                bind: tuple[str, int] = (CLIENT_ADDRESS, REUSED_PORT)) -> tuple[socket.socket, tuple[str, int]]:
+    """A client of ``uid`` connected (through the REDIRECT) to ORIGINAL:port and held open by
+    ``stack``; returns our accepted socket and its peer as accept() gave it."""
+    stack.enter_context(_client(uid, socket.AF_INET, (ORIGINAL, port), bind=bind))
+    accepted, peer = listener.accept()
+    stack.enter_context(accepted)
+    return accepted, (peer[0], peer[1])
+
+
+def _reused_port_connection(listener: socket.socket, uid: int, stack: contextlib.ExitStack,
+                            first: int, second: int) -> tuple[str, int]:
+    """A connection from REUSED_PORT to ORIGINAL:first, closed (ours first), then one from
+    the same port to ORIGINAL:second, held open. Returns the second one's peer as we see it."""
+    with contextlib.ExitStack() as earlier:
+        accepted, peer = _redirected(listener, uid, first, earlier)
+        if peer != (CLIENT_ADDRESS, REUSED_PORT):
+            raise AssertionError(f"the first connection already came from {peer}")
+        accepted.close()
+    return _redirected(listener, uid, second, stack)[1]
+
+
+def test_redirect_that_changed_the_source_port_still_finds_the_owner() -> None:
+    """The bug: conntrack remembers REUSED_PORT's previous connection, so NAT gives the next
+    one another source port. The exact lookup misses; the fallback finds uid 65534, also when
+    run unprivileged."""
+    with _redirect_namespace() as name:
+        def body() -> dict[str, object]:
+            _enter(name)
+            with socket.create_server(("127.0.0.1", LISTEN_PORT)) as listener, contextlib.ExitStack() as stack:
+                listener.settimeout(WAIT)
+                peer = _reused_port_connection(listener, CLIENT_UID, stack, 8101, 8102)
+                dest = (ORIGINAL, 8102)
+                found: dict[str, object] = {"peer port": peer[1], "exact": _exact_only(peer, dest),
+                                            "fallback": client_uid(socket.AF_INET, peer, dest),
+                                            "unprivileged": _lookup_unprivileged(socket.AF_INET, peer, dest)}
+            return found  # after the ExitStack, which mypy counts as able to swallow exceptions
+        outcome = in_child(body, timeout=4 * WAIT)
+    assert outcome.ok, outcome
+    assert outcome.value["peer port"] != REUSED_PORT, f"NAT kept the port: {outcome.value}"
+    assert outcome.value["exact"] is None, outcome.value
+    assert outcome.value["fallback"] == outcome.value["unprivileged"] == CLIENT_UID, outcome.value
+
+
+def test_two_users_behind_the_same_address_and_destination_are_unknown() -> None:
+    """uid 65534's connection had its port changed by NAT while uid 4242 has a live
+    connection from the same address to the same destination: either could be ours, so
+    None (a fresh credential), never one of theirs. uid 4242's own connection, whose port
+    NAT kept, is still found exactly."""
+    with _redirect_namespace() as name:
+        def body() -> dict[str, object]:
+            _enter(name)
+            with socket.create_server(("127.0.0.1", LISTEN_PORT)) as listener, contextlib.ExitStack() as stack:
+                listener.settimeout(WAIT)
+                peer = _reused_port_connection(listener, CLIENT_UID, stack, 8101, 8102)
+                other = _redirected(listener, OTHER_UID, 8102, stack, bind=(CLIENT_ADDRESS, 0))[1]
+                dest = (ORIGINAL, 8102)
+                found: dict[str, object] = {"peer port": peer[1], "changed": client_uid(socket.AF_INET, peer, dest),
+                                            "other": client_uid(socket.AF_INET, other, dest)}
+            return found
+        outcome = in_child(body, timeout=4 * WAIT)
+    assert outcome.ok, outcome
+    assert outcome.value["peer port"] != REUSED_PORT, f"NAT kept the port: {outcome.value}"
+    assert outcome.value["changed"] is None and outcome.value["other"] == OTHER_UID, outcome.value
+
+
+ROUNDS = 6  # connections per user, each from its user's one reused port
+
+
+def test_two_users_with_forced_port_collisions_get_exactly_two_usernames() -> None:
+    """The figure of the bug report: two users, each reusing one source port for every
+    connection while alternating two destination ports, so NAT changes the port of every
+    connection after the first. isolation = user gives exactly two usernames; the exact
+    lookup alone gave one per changed connection."""
+    with _redirect_namespace() as name:
+        def body() -> dict[str, int]:
+            _enter(name)
+            isolator = Isolator(Isolation.USER)
+            before: set[str] = set()
+            after: set[str] = set()
+            with socket.create_server(("127.0.0.1", LISTEN_PORT)) as listener:
+                listener.settimeout(WAIT)
+                for n in range(ROUNDS):
+                    for uid, port in ((CLIENT_UID, REUSED_PORT), (OTHER_UID, REUSED_PORT + 1)):
+                        with contextlib.ExitStack() as stack:
+                            dest = (ORIGINAL, 8101 + n % 2)
+                            peer = _redirected(listener, uid, dest[1], stack, bind=(CLIENT_ADDRESS, port))[1]
+                            for names, found in ((before, _exact_only(peer, dest)),
+                                                 (after, client_uid(socket.AF_INET, peer, dest))):
+                                credentials = isolator.credentials(dest[0], dest[1], found)
+                                assert credentials is not None
+                                names.add(credentials[0])
+            return {"before": len(before), "after": len(after)}
+        outcome = in_child(body, timeout=8 * WAIT)
+    assert outcome.ok, outcome
+    assert outcome.value["after"] == 2, outcome.value
+    assert outcome.value["before"] > 2, outcome.value
