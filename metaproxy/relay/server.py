@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import ipaddress
 import logging
 import socket
 import time
@@ -255,12 +256,23 @@ class Server:
             return None
         isolator = self._isolators[upstream.name]
         uid = None
-        if isolator.mode is Isolation.USER:
-            # A client behind a gateway has no socket here: None, fresh credentials.
+        if isolator.mode is Isolation.USER and self._may_be_local(client):
             uid = client_uid(client.family, (_norm(peer[0]), peer[1]), (dest.ip, dest.port))
         # isolation = client keys on the peer's address; it is never logged.
         address = _norm(peer[0]) if isolator.mode is Isolation.CLIENT else None
         return isolator.credentials(dest.ip, dest.port, uid, client=address)
+
+    def _may_be_local(self, client: socket.socket) -> bool:
+        """Could this client's socket be in our network namespace, so that it has an owner?
+
+        REDIRECT in OUTPUT (local programs) sends to loopback; a client behind
+        a gateway (PREROUTING) arrives on the interface's address and has no
+        socket here. Asking the kernel for it would cost a full table walk
+        (the lookup's fallback) for nothing: it gets fresh credentials.
+        """
+        if self.config.daemon.mode is RedirectMode.TPROXY:
+            return True
+        return ipaddress.ip_address(_norm(client.getsockname()[0])).is_loopback
 
     def _opened(self, cid: int, name: str, dest: Destination, started: float,
                 sock: socket.socket | None, early: bytes, error: UpstreamError | None) -> None:
