@@ -9,6 +9,7 @@ daemon never carries on half-dropped.
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import pwd
 import socket
@@ -71,11 +72,11 @@ def test_after_the_drop_every_way_back_to_root_fails() -> None:
 
 
 def test_the_drop_keeps_no_capability_and_leaves_keepcaps_off() -> None:
-    """drop_privileges() takes only the user: there is no way to keep a capability
-    (the unused keep_caps path is gone), PR_SET_KEEPCAPS stays off, and binding a port
-    below 1024 afterwards is refused."""
+    """drop_privileges() takes only the user and the groups to keep: there is no way to
+    keep a capability (the unused keep_caps path is gone), PR_SET_KEEPCAPS stays off, and
+    binding a port below 1024 afterwards is refused."""
     import inspect
-    assert list(inspect.signature(drop_privileges).parameters) == ["user"]
+    assert list(inspect.signature(drop_privileges).parameters) == ["user", "groups"]
     def body() -> dict[str, Any]:
         import prctl
         drop_privileges("nobody")
@@ -88,6 +89,37 @@ def test_the_drop_keeps_no_capability_and_leaves_keepcaps_off() -> None:
         return {"keepcaps": bool(prctl.get_keepcaps()), "bind 1023": bound}
     outcome = in_child(body)
     assert outcome.ok and outcome.value == {"keepcaps": False, "bind 1023": "EACCES"}, outcome
+
+
+def test_drop_keeps_exactly_the_named_groups_and_proc_shows_them() -> None:
+    """drop_privileges("nobody", ["daemon"]): /proc/self/status shows Groups: with the
+    daemon group's gid and nothing else (none of root's), the ids are nobody's, and the
+    group cannot be swapped for root's afterwards."""
+    daemon = grp.getgrnam("daemon").gr_gid
+    def body() -> dict[str, Any]:
+        os.setgroups([0, daemon, 4])  # root's own list, which must not survive
+        drop_privileges("nobody", ["daemon", "daemon"])
+        try:
+            os.setgroups([0])
+            regained = "succeeded"
+        except OSError as exc:
+            regained = errno.errorcode[exc.errno or 0]
+        return {**_state(), "regain": regained}
+    outcome = in_child(body)
+    assert outcome.ok, outcome
+    state = outcome.value
+    assert state["Groups"].split() == [str(daemon)], state
+    assert state["Uid"].split() == [str(NOBODY.pw_uid)] * 4 and state["regain"] == "EPERM", state
+
+
+def test_unknown_or_root_group_is_refused_before_anything_changes() -> None:
+    """A group missing from the group database, or group 0, raises PrivilegeError naming
+    the step and the group while the process is still root."""
+    error, state = _refusal(lambda: drop_privileges("nobody", ["no-such-metaproxy-group"]))
+    assert "resolve groups" in error and "no-such-metaproxy-group" in error, error
+    assert state["Uid"].split() == ["0"] * 4, state
+    error, _ = _refusal(lambda: drop_privileges("nobody", [grp.getgrgid(0).gr_name]))
+    assert "resolve groups" in error and "group 0" in error, error
 
 
 def _refusal(body: Any) -> tuple[str, dict[str, Any]]:
