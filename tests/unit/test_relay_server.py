@@ -2,8 +2,8 @@
 
 No connection here is redirected, so none is relayed: the tests drive the
 parts of the server that decide when to accept, when a drain is over, and
-what a bug costs. Relaying is the fuzz harness's (test_fuzz_upstream.py) and
-the system tier's.
+what a bug costs. Relaying is tested by the fuzz harness (test_relay_server_fuzz.py),
+the pump's own tests (test_relay_pump.py) and the system tier.
 """
 
 from __future__ import annotations

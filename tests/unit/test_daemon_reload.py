@@ -9,7 +9,7 @@ import pytest
 
 from metaproxy import daemon
 from metaproxy.config import replace_port
-from tests.unit.test_server import make_server, run
+from tests.unit.test_relay_server import make_server, run
 
 
 def reload_and_log(tmp_path: Path, caplog: pytest.LogCaptureFixture, port_override: int | None) -> tuple[int, str]:

@@ -1,4 +1,4 @@
-"""Hostile upstream replies, fuzzed, through the real Server and Relay (issue 7).
+"""Hostile upstream replies, fuzzed, through the real Server and Relay.
 
 A real ``metaproxy.relay.server.Server`` runs on loopback in a background
 event loop. The one thing it cannot have outside a REDIRECT rule, the original
