@@ -31,7 +31,7 @@ from metaproxy.config.model import Isolation
 from metaproxy.kernel.peer_owner import client_uid
 from metaproxy.protocol import inet_diag
 from metaproxy.protocol.isolation import Isolator
-from tests.unit.test_privileged_forking import in_child, require_root
+from tests.unit.forked import in_child, require_root
 
 CLIENT_UID, LOOKUP_UID = 65534, 65533
 WAIT = 10.0  # every wait below is bounded by this

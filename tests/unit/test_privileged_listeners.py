@@ -10,7 +10,7 @@ import pytest
 
 from metaproxy.errors import StartupError
 from metaproxy.privileged import bind_listeners, drop_privileges
-from tests.unit.test_privileged_forking import in_child, require_root
+from tests.unit.forked import in_child, require_root
 
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75

@@ -17,7 +17,7 @@ import threading
 from typing import Any
 
 from metaproxy.privileged import drop_privileges, restrict_unprivileged
-from tests.unit.test_privileged_forking import in_child, proc_status
+from tests.unit.forked import in_child, proc_status
 
 NOBODY = pwd.getpwnam("nobody")
 NO_CAPS = "0" * 16

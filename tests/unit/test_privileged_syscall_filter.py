@@ -28,7 +28,7 @@ from metaproxy.errors import PrivilegeError
 from metaproxy.kernel.peer_owner import client_uid
 from metaproxy.privileged import load_syscall_filter
 from metaproxy.protocol.inet_diag import NETLINK_SOCK_DIAG
-from tests.unit.test_privileged_forking import in_child, proc_status
+from tests.unit.forked import in_child, proc_status
 
 SO_ORIGINAL_DST = 80
 IPPROTO_MPTCP = 262

@@ -25,7 +25,7 @@ import pytest
 
 from metaproxy.privileged import drop_privileges, load_syscall_filter, restrict_access
 from metaproxy.privileged.landlock_rules import RIGHTS, kernel_abi
-from tests.unit.test_privileged_forking import in_child
+from tests.unit.forked import in_child
 
 ABI = kernel_abi()
 ABSTRACT = f"\0metaproxy-test-abstract-{os.getpid()}"  # bound by the test process, outside the sandbox
