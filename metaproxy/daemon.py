@@ -59,7 +59,7 @@ def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str,
     if unprivileged:
         privileged.restrict_unprivileged()
     else:
-        privileged.drop_privileges(d.user)
+        privileged.drop_privileges(d.user, d.groups)
 
     log.info("subgraph_metaproxy listening on %s port %d (%s mode) as uid %d",
              ", ".join(d.listen), d.port, d.mode.value, os.getuid())

@@ -16,7 +16,8 @@ from typing import Any
 
 from metaproxy.config.addresses import parse_port, parse_upstream_address
 from metaproxy.config.model import (
-    Config, DaemonSettings, Isolation, RouteTable, UnixAddress, Upstream, UpstreamType,
+    PER_CONNECTION, Config, DaemonSettings, RouteTable, UnixAddress, Upstream, UpstreamType,
+    default_connect_timeout,
 )
 from metaproxy.errors import ConfigError
 
@@ -61,7 +62,7 @@ def load_json(path: str, text: str) -> Config:
             name = f"relay{len(by_target) + 1}"
             by_target[key] = name
             upstreams[name] = Upstream(name=name, type=upstream.type, address=upstream.address,
-                                       isolation=upstream.isolation)
+                                       connect_timeout=upstream.connect_timeout, isolation=upstream.isolation)
         name = by_target[key]
         dport = str(relay["destinationport"]).strip()
         if dport == "*":
@@ -109,8 +110,10 @@ def _relay(where: str, relay: Any, problems: list[str]) -> Upstream | None:
     if isinstance(address, UnixAddress) and kind is not UpstreamType.SOCKS5:
         problems.append(f"{where} relayip: expected ip (unix: works only for SOCKS5), found {ip!r}")
         return None
-    # The original gave every SOCKS5 connection fresh credentials.
-    return Upstream(name="", type=kind, address=address, isolation=Isolation.CONNECTION)
+    # The original gave every SOCKS5 connection fresh credentials: the legacy format keeps
+    # isolation = connection, whatever the configobj default; the timeout is the type's.
+    return Upstream(name="", type=kind, address=address, connect_timeout=default_connect_timeout(kind),
+                    isolation=PER_CONNECTION)
 
 
 def equivalent_text(config: Config) -> str:
@@ -119,7 +122,7 @@ def equivalent_text(config: Config) -> str:
     for u in config.upstreams.values():
         out += [f"    [[{u.name}]]", f"    type = {u.type.value}", f"    address = {u.address}"]
         if u.type is UpstreamType.SOCKS5:
-            out.append(f"    isolation = {u.isolation.value}")
+            out.append(f"    isolation = {u.isolation}")
     out.append("[routes]")
     out += [f"{port} = {name}" for port, name in sorted(config.routes.ports.items())]
     if config.routes.fallback:

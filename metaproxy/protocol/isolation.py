@@ -1,9 +1,15 @@
 """SOCKS credentials that make Tor keep streams apart (IsolateSOCKSAuth).
 
 Tor puts streams with different SOCKS username/password on different circuits.
-The isolation unit decides which streams may share: each connection, each
+The isolation units decide which streams may share: each connection, each
 destination, each local user, each client address (a LAN client behind a
-gateway, like Tor's IsolateClientAddr), or all of them.
+gateway, like Tor's IsolateClientAddr), a combination of the last three
+(``user, destination``: one circuit per user and site), or all of them.
+
+With a rotation period (like Tor's MaxCircuitDirtiness) the number of the
+current period is part of the HMAC input: when it ticks over, every key
+changes and Tor builds fresh circuits for new streams. Open streams keep
+theirs.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import time
+from collections.abc import Callable
 
-from metaproxy.config.model import Isolation
+from metaproxy.config.model import Isolation, IsolationRule
 
 # Tor 0.4.9 gives usernames starting with this a meaning of its own (extended
 # SOCKS parameters); a generated name must never start with it.
@@ -22,17 +30,21 @@ _PREFIX = "mp-"
 
 
 class Isolator:
-    """Makes (username, password) for one upstream's isolation mode.
+    """Makes (username, password) for one upstream's isolation rule.
 
     ``secret`` keys the HMAC so the credentials for a destination or a uid
-    cannot be guessed, and change when the daemon restarts.
+    cannot be guessed, and change when the daemon restarts. ``clock`` (seconds,
+    monotonic) numbers the rotation periods. A single ``Isolation`` is taken
+    as a rule of that unit alone that never rotates.
     """
 
-    __slots__ = ("mode", "_secret")
+    __slots__ = ("mode", "_secret", "_clock")
 
-    def __init__(self, mode: Isolation, secret: bytes | None = None) -> None:
-        self.mode = mode
+    def __init__(self, mode: IsolationRule | Isolation, secret: bytes | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.mode = mode if isinstance(mode, IsolationRule) else IsolationRule(frozenset({mode}))
         self._secret = secret if secret is not None else secrets.token_bytes(32)
+        self._clock = clock
 
     def credentials(self, dest_ip: str, dest_port: int, uid: int | None,
                     client: str | None = None) -> tuple[str, str] | None:
@@ -51,25 +63,39 @@ class Isolator:
         share root's token, as every user's do. The bug this guards against
         was a gone client's entry (TIME_WAIT, uid 0) read as root's.
         """
-        if self.mode is Isolation.NONE:
+        rule = self.mode
+        if rule.has(Isolation.NONE):
             return None
-        if self.mode is Isolation.CONNECTION:
-            token = secrets.token_hex(16)
-        elif self.mode is Isolation.DESTINATION:
-            token = self._mac(f"dest|{dest_ip}|{dest_port}")
-        elif self.mode is Isolation.CLIENT and (address := _client_address(client)) is not None:
-            token = self._mac(f"client|{address}")
-        elif self.mode is Isolation.USER and uid is not None:
-            token = self._mac(f"uid|{uid}")
-        else:
-            # The owner is unknown (gone, a LAN client behind a gateway, not
-            # ESTABLISHED, a failed lookup), or the client's address is: isolate
-            # more, never less.
-            token = secrets.token_hex(16)
+        parts = self._parts(rule, dest_ip, dest_port, uid, client)
+        # The owner is unknown (gone, a LAN client behind a gateway, not
+        # ESTABLISHED, a failed lookup), or the client's address is, or the
+        # unit is the connection: fresh credentials. Isolate more, never less.
+        token = secrets.token_hex(16) if parts is None else self._mac("|".join(parts))
         username = _PREFIX + token
         if username.startswith(TOR_RESERVED_PREFIX):
             raise ValueError("a generated SOCKS username must not start with " + TOR_RESERVED_PREFIX)
         return username, token
+
+    def _parts(self, rule: IsolationRule, dest_ip: str, dest_port: int, uid: int | None,
+               client: str | None) -> list[str] | None:
+        """The HMAC input, unit by unit in a fixed order; None where a fresh token is due."""
+        if rule.has(Isolation.CONNECTION) or not rule.units:
+            return None
+        parts = []
+        if rule.has(Isolation.DESTINATION):
+            parts.append(f"dest|{dest_ip}|{dest_port}")
+        if rule.has(Isolation.CLIENT):
+            address = _client_address(client)
+            if address is None:
+                return None
+            parts.append(f"client|{address}")
+        if rule.has(Isolation.USER):
+            if uid is None:
+                return None
+            parts.append(f"uid|{uid}")
+        if rule.period:
+            parts.append(f"period|{int(self._clock() // rule.period)}")
+        return parts
 
     def _mac(self, text: str) -> str:
         return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()[:32]

@@ -145,7 +145,7 @@ class Server:
         # secret), so a reload does not move every destination or user to new
         # Tor circuits.
         old = getattr(self, "_isolators", {})
-        self._isolators = {name: old[name] if name in old and old[name].mode is u.isolation
+        self._isolators = {name: old[name] if name in old and old[name].mode == u.isolation
                            else Isolator(u.isolation) for name, u in config.upstreams.items()}
 
     # -- accepting ---------------------------------------------------------
@@ -256,10 +256,10 @@ class Server:
             return None
         isolator = self._isolators[upstream.name]
         uid = None
-        if isolator.mode is Isolation.USER and self._may_be_local(client):
+        if isolator.mode.has(Isolation.USER) and self._may_be_local(client):
             uid = client_uid(client.family, (_norm(peer[0]), peer[1]), (dest.ip, dest.port))
         # isolation = client keys on the peer's address; it is never logged.
-        address = _norm(peer[0]) if isolator.mode is Isolation.CLIENT else None
+        address = _norm(peer[0]) if isolator.mode.has(Isolation.CLIENT) else None
         return isolator.credentials(dest.ip, dest.port, uid, client=address)
 
     def _may_be_local(self, client: socket.socket) -> bool:

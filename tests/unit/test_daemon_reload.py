@@ -59,6 +59,7 @@ def test_the_reload_policy_is_declared_once_on_the_settings() -> None:
     """What a SIGHUP may change is read from DaemonSettings, and nothing else decides it:
     the listeners, the user, the sandbox and the debug warning were set up before serving."""
     from metaproxy.config.model import DaemonSettings
-    assert set(DaemonSettings.restart_only()) == {"listen", "port", "mode", "user", "seccomp", "log_destinations"}
+    assert set(DaemonSettings.restart_only()) == {"listen", "port", "mode", "user", "groups", "seccomp",
+                                                    "log_destinations"}
     assert set(DaemonSettings.reloadable()) == {"max_connections", "idle_timeout", "connect_timeout",
                                                 "drain_timeout", "log_connections", "log_refusals"}

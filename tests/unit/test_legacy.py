@@ -30,7 +30,8 @@ def test_original_json_runs_unchanged(tmp_path: pathlib.Path) -> None:
     tor = config.upstream_for(22)
     assert http is not None and http.type is UpstreamType.HTTP and str(http.address) == "192.0.2.2:3128"
     assert tor_unix is not None and str(tor_unix.address) == "unix:/run/tor/socks"
-    assert tor is not None and tor.isolation is Isolation.CONNECTION
+    assert tor is not None and tor.isolation.units == {Isolation.CONNECTION}, tor.isolation
+    assert tor.connect_timeout == 120 and http.connect_timeout == 10
 
 
 def test_equivalent_text_loads_to_the_same_routes(tmp_path: pathlib.Path) -> None:
@@ -41,7 +42,9 @@ def test_equivalent_text_loads_to_the_same_routes(tmp_path: pathlib.Path) -> Non
     for port in (80, 443, 22, 65535):
         a, b = legacy.upstream_for(port), modern.upstream_for(port)
         assert a is not None and b is not None
-        assert (a.type, a.address, a.isolation) == (b.type, b.address, b.isolation)
+        assert (a.type, a.address, a.connect_timeout) == (b.type, b.address, b.connect_timeout)
+        if a.type is UpstreamType.SOCKS5:  # isolation credentials go to socks5 only
+            assert a.isolation == b.isolation
 
 
 def test_json_syntax_error_names_line_and_column(tmp_path: pathlib.Path) -> None:

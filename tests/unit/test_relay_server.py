@@ -114,23 +114,27 @@ def test_relays_closing_while_accepts_are_paused_do_not_end_accepting(
 
 def test_reload_keeps_isolation_secrets_of_unchanged_upstreams(tmp_path: Path) -> None:
     """A SIGHUP must not move every destination to new Tor circuits: an upstream that
-    keeps its name and isolation mode keeps its credentials; a changed mode gets new ones."""
+    keeps its name and isolation rule keeps its credentials, even when the rule is a new
+    object read from the file again; a changed rule gets new ones."""
     import dataclasses
 
-    from metaproxy.config.model import Isolation
+    from metaproxy.config.model import Isolation, IsolationRule
 
     async def body() -> None:
         server = make_server(tmp_path)
         try:
             config = server.config
-            tor = dataclasses.replace(config.upstreams["tor"], isolation=Isolation.DESTINATION)
+            rule = IsolationRule(frozenset({Isolation.DESTINATION}))
+            tor = dataclasses.replace(config.upstreams["tor"], isolation=rule)
             server.apply(dataclasses.replace(config, upstreams={"tor": tor}))
             before = server._isolators["tor"].credentials("198.51.100.2", 80, None)
-            server.apply(dataclasses.replace(config, upstreams={"tor": tor}))
+            reread = dataclasses.replace(tor, isolation=IsolationRule(frozenset({Isolation.DESTINATION})))
+            server.apply(dataclasses.replace(config, upstreams={"tor": reread}))
             assert server._isolators["tor"].credentials("198.51.100.2", 80, None) == before
             server.apply(dataclasses.replace(config, upstreams={"tor": dataclasses.replace(
-                tor, isolation=Isolation.USER)}))
-            assert server._isolators["tor"].mode is Isolation.USER
+                tor, isolation=IsolationRule(frozenset({Isolation.USER, Isolation.DESTINATION}), 600))}))
+            assert server._isolators["tor"].mode == IsolationRule(frozenset({Isolation.USER,
+                                                                            Isolation.DESTINATION}), 600)
         finally:
             for sock in server.listeners:
                 sock.close()
