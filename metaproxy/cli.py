@@ -112,7 +112,7 @@ def _check(config: Config) -> int:
     planned in both modes, so that nothing ``--print-rules`` (and so
     metaproxy-firewall.service) would refuse can pass ``-t``.
     """
-    from metaproxy.firewall import plan_for
+    from metaproxy.firewall import plan_for, tor_virtual_summary
     try:
         notes = [plan_for(config, strict=strict).notes for strict in (False, True)][-1]
     except ConfigError as e:
@@ -125,6 +125,8 @@ def _check(config: Config) -> int:
     if config.firewall.lan_interfaces:  # what gateway mode will do, and what the rules need
         for line in config.gateway_summary() + [f"gateway: NOTE: {note}" for note in notes]:
             print(line)
+    for line in tor_virtual_summary(config):  # what the rules do with Tor's virtual addresses
+        print(line)
     return code
 
 

@@ -23,8 +23,8 @@ from metaproxy.config.addresses import (
 )
 from metaproxy.config.lines import LineIndex
 from metaproxy.config.model import (
-    Config, DaemonSettings, FirewallSettings, Isolation, IsolationRule, PortRange, RedirectMode,
-    RouteTable, SeccompAction, UnixAddress, Upstream, UpstreamType, default_connect_timeout,
+    Config, DaemonSettings, FirewallSettings, InetAddress, Isolation, PortRange, RedirectMode,
+    RouteTable, SeccompAction, UnixAddress, Upstream, UpstreamType,
 )
 from metaproxy.config.spec import CONFIGSPEC, EXPECTED
 from metaproxy.errors import ConfigError
@@ -112,9 +112,6 @@ def parse_configobj(path: str, text: str) -> Config:
             continue  # route keys are free-form; upstreams must be [[subsections]], checked below
         what = "section" if isinstance(_section(obj, sections).get(name), dict) else "key"
         problems.add(tuple(sections), name, "a known " + what, f"unknown {what} {name!r}")
-    for name, section in obj["upstreams"].items():
-        if isinstance(section, dict) and isinstance(section.get("isolation"), list):
-            _isolation(("upstreams", name), section, problems)
     if problems.items:
         raise ConfigError(problems.items)
     return _build(path, obj, problems)
@@ -133,7 +130,6 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
             problems.add(("daemon",), "listen", EXPECTED["listen"], str(e))
     daemon = DaemonSettings(
         listen=tuple(listen), port=d["port"], mode=RedirectMode(d["mode"]), user=d["user"],
-        groups=tuple(dict.fromkeys(d["groups"])),
         max_connections=d["max_connections"], idle_timeout=d["idle_timeout"],
         connect_timeout=d["connect_timeout"], drain_timeout=d["drain_timeout"],
         log_destinations=d["log_destinations"], log_connections=d["log_connections"],
@@ -141,10 +137,6 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
         seccomp=SeccompAction(d["seccomp"]),
     )
     _user_name(("daemon",), "user", d["user"], problems)
-    for group in daemon.groups:
-        # Whether each exists is -t's check (metaproxy.checks): /etc/group is out of the sandbox on reload.
-        if not is_user_name(group) or group.isdigit():
-            problems.add(("daemon",), "groups", GROUP_NAME_RULE, repr(group))
     upstreams = {}
     for name, section in obj["upstreams"].items():
         if not isinstance(section, dict):
@@ -165,11 +157,49 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
         _user_name(("firewall",), "exempt_users", user, problems)
     lan = tuple(dict.fromkeys(obj["firewall"]["lan_interfaces"]))
     _gateway(lan, daemon, problems)
+    virtual = _tor_virtual_networks(obj["firewall"]["tor_virtual_networks"], daemon, upstreams, dns, problems)
     if problems.items:
         raise ConfigError(problems.items)
-    return Config(source=path, daemon=daemon, upstreams=upstreams, routes=routes, lines=problems.lines,
+    return Config(source=path, daemon=daemon, upstreams=upstreams, routes=routes,
                   firewall=FirewallSettings(dns=dns, exempt_users=tuple(obj["firewall"]["exempt_users"]),
-                                            lan_interfaces=lan))
+                                            lan_interfaces=lan, tor_virtual_networks=virtual))
+
+
+def _tor_virtual_networks(texts: list[str], daemon: DaemonSettings, upstreams: dict[str, Upstream],
+                          dns: InetAddress | None, problems: "_Problems") -> tuple[str, ...]:
+    """Tor's virtual ranges: networks, and none that holds an address this file names.
+
+    ``tor_virtual_networks =`` (empty) turns the diversion off. A network with
+    host bits set is refused rather than widened: it is pasted into rules as
+    written, and Tor's VirtualAddrNetwork* lines must name the same range. No
+    real host lives in Tor's virtual range, so an upstream, a resolver or a
+    listening address inside it is a mistake (its TCP would be diverted).
+    """
+    where, key = ("firewall",), "tor_virtual_networks"
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for text in (t.strip() for t in texts):
+        if not text:
+            continue
+        try:
+            net = ipaddress.ip_network(text)
+        except ValueError as e:
+            problems.add(where, key, EXPECTED[key], f"{text!r} ({e})")
+            continue
+        if net.prefixlen == 0:
+            problems.add(where, key, "a network narrower than /0 (Tor's default is 10.192.0.0/10)", repr(text))
+            continue
+        if net not in nets:
+            nets.append(net)
+    named = [ip for ip in daemon.listen if not ipaddress.ip_address(ip).is_unspecified]
+    named += [u.address.host for u in upstreams.values() if isinstance(u.address, InetAddress)]
+    named += [dns.host] if dns is not None else []
+    for host in dict.fromkeys(named):
+        ip = ipaddress.ip_address(host)
+        inside = next((n for n in nets if ip in n), None)
+        if inside is not None:
+            problems.add(where, key, "networks that hold no listening address, upstream or resolver "
+                         "(Tor's virtual addresses are never real hosts)", f"{host} inside {inside}")
+    return tuple(str(n) for n in nets)
 
 
 def _gateway(lan: tuple[str, ...], daemon: DaemonSettings, problems: "_Problems") -> None:
@@ -198,32 +228,7 @@ def _user_name(where: tuple[str, ...], key: str, name: str, problems: "_Problems
         problems.add(where, key, USER_NAME_RULE, repr(name))
 
 
-GROUP_NAME_RULE = "a group name (letters, digits, '_', '.', '-', at most 32 of them, not all digits)"
-
-
-def _isolation(where: tuple[str, ...], s: Any, problems: "_Problems | None" = None) -> IsolationRule:
-    """``user, destination``: units combined; connection and none only alone (and never rotate).
-
-    Checked with the configspec's own checks (``problems`` given), so that -t
-    lists a wrong isolation with every other mistake; built later without it.
-    """
-    units: set[Isolation] = set()
-    for text in s["isolation"]:
-        try:
-            units.add(Isolation(text.strip()))
-        except ValueError:
-            if problems is not None:
-                problems.add(where, "isolation", EXPECTED["isolation"], repr(text))
-    alone = units & {Isolation.CONNECTION, Isolation.NONE}
-    if problems is not None and alone and len(units) > 1:
-        problems.add(where, "isolation", f"{next(iter(alone)).value} alone (it cannot combine with another unit)",
-                     repr(", ".join(s["isolation"])))
-    if problems is not None and not s["isolation"]:
-        problems.add(where, "isolation", EXPECTED["isolation"], "nothing")
-    return IsolationRule(frozenset(units), 0 if alone else s["isolation_period"])
-
-
-def _upstream(name: str, s: Any, default_timeout: float | None, problems: "_Problems") -> Upstream | None:
+def _upstream(name: str, s: Any, default_timeout: float, problems: "_Problems") -> Upstream | None:
     where = ("upstreams", name)
     kind = UpstreamType(s["type"])
     try:
@@ -254,12 +259,10 @@ def _upstream(name: str, s: Any, default_timeout: float | None, problems: "_Prob
     if kind is UpstreamType.SOCKS4 or kind is UpstreamType.SOCKS4A:
         if s["password"]:
             problems.add(where, "password", "no password (SOCKS4 has only a user id)", "a password")
-    # The upstream's own key, else an explicit [daemon] connect_timeout, else the type's default.
-    timeout = next((t for t in (s["connect_timeout"], default_timeout) if t is not None),
-                   default_connect_timeout(kind))
+    timeout = s["connect_timeout"] if s["connect_timeout"] is not None else default_timeout
     return Upstream(name=name, type=kind, address=address, username=s["username"],
                     password=s["password"], connect_timeout=timeout,
-                    isolation=_isolation(where, s))
+                    isolation=Isolation(s["isolation"]))
 
 
 def _routes(section: Any, upstreams: set[str], problems: "_Problems") -> RouteTable:

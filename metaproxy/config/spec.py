@@ -10,10 +10,9 @@ listen = string_list(default=list('127.0.0.1', '::1'))
 port = integer(1, 65535, default=8675)
 mode = option('redirect', 'tproxy', default='redirect')
 user = string(min=1, default='_metaproxy')
-groups = string_list(default=list())
 max_connections = integer(1, 1000000, default=4096)
 idle_timeout = float(0, 604800, default=900)
-connect_timeout = float(0.1, 600, default=None)
+connect_timeout = float(0.1, 600, default=10)
 drain_timeout = float(0, 3600, default=10)
 log_destinations = boolean(default=False)
 log_connections = boolean(default=False)
@@ -27,8 +26,7 @@ address = string(min=1)
 username = string(max=255, default='')
 password = string(max=255, default='')
 connect_timeout = float(0.1, 600, default=None)
-isolation = string_list(default=list('user', 'destination'))
-isolation_period = integer(0, 86400, default=600)
+isolation = option('connection', 'destination', 'user', 'client', 'none', default='connection')
 
 [routes]
 __many__ = string(min=1)
@@ -37,6 +35,7 @@ __many__ = string(min=1)
 dns = string(default='')
 exempt_users = string_list(default=list())
 lan_interfaces = string_list(default=list())
+tor_virtual_networks = string_list(default=list('10.192.0.0/10', 'fe80::/10'))
 """
 
 # What each check expects, in words, for error messages.
@@ -45,7 +44,6 @@ EXPECTED = {
     "port": "an integer from 1 to 65535",
     "mode": "one of redirect, tproxy",
     "user": "a user name",
-    "groups": "a comma-separated list of group names",
     "max_connections": "an integer from 1 to 1000000",
     "idle_timeout": "seconds, from 0 to 604800",
     "connect_timeout": "seconds, from 0.1 to 600",
@@ -58,10 +56,9 @@ EXPECTED = {
     "address": "ip:port, [ipv6]:port or unix:/path",
     "username": "at most 255 characters",
     "password": "at most 255 characters",
-    "isolation": ("destination, user and client, alone or combined with commas, or connection or none "
-                  "alone"),
-    "isolation_period": "seconds, from 0 (never rotate) to 86400",
+    "isolation": "one of connection, destination, user, client, none",
     "dns": "ip:port or [ipv6]:port, or empty",
     "exempt_users": "a comma-separated list of user names",
     "lan_interfaces": "a comma-separated list of interface names, or prefixes ending in '*'",
+    "tor_virtual_networks": "a comma-separated list of IP networks (Tor's VirtualAddrNetworkIPv4/IPv6), or empty",
 }

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from metaproxy.config.model import Config, InetAddress, RedirectMode, UnixAddress
+from metaproxy.config.model import Config, InetAddress, RedirectMode, UnixAddress, UpstreamType
 from metaproxy.errors import ConfigError
 from metaproxy.firewall import iptables, nftables
 from metaproxy.firewall.plan import build
 from metaproxy.firewall.rules import Mode, Plan, PlanError, Settings
 
-__all__ = ["BACKENDS", "render", "settings_from", "plan_for"]
+__all__ = ["BACKENDS", "render", "settings_from", "plan_for", "tor_virtual_summary"]
 
 _Renderer = Callable[[Plan], str]
 
@@ -66,6 +66,24 @@ def plan_for(config: Config, *, strict: bool) -> Plan:
         raise ConfigError([f"{config.source}: {where}: expected {e.expected}, found {e.found}"]) from e
 
 
+def tor_virtual_summary(config: Config) -> list[str]:
+    """What ``--print-rules`` does with Tor's virtual addresses, as ``-t`` prints it."""
+    nets = config.firewall.tor_virtual_networks
+    if not nets:
+        return ["tor: tor_virtual_networks is empty: Tor's virtual addresses are not diverted "
+                "(.onion names from a DNSPort will not connect)"]
+    socks5 = [u.name for u in config.upstreams.values() if u.type is UpstreamType.SOCKS5]
+    lines = [f"tor: TCP to {', '.join(nets)} (Tor's virtual addresses) is diverted to port {config.daemon.port} "
+             "before any network is exempted, and goes to the upstream its port routes to"]
+    if any(":" in n for n in nets):
+        lines.append("tor: that includes TCP to link-local IPv6 neighbours (fe80::/10); other link-local "
+                     "traffic (neighbour discovery, DHCPv6) is not touched")
+    lines.append("tor: pair it with torrc: DNSPort, AutomapHostsOnResolve 1, VirtualAddrNetworkIPv4/IPv6 "
+                 "the same ranges" + ("" if socks5 else "; NOTE: no upstream is socks5, and only a Tor "
+                                      "SocksPort can connect to its virtual addresses"))
+    return lines
+
+
 def settings_from(config: Config, *, strict: bool) -> Settings:
     """The plain values of the config that the rules depend on."""
     proxies, local = [], []
@@ -89,4 +107,5 @@ def settings_from(config: Config, *, strict: bool) -> Settings:
         dns=None if dns is None else (dns.host, dns.port),
         exempt_users=tuple(dict.fromkeys(config.firewall.exempt_users)),
         lan_interfaces=config.firewall.lan_interfaces,
+        tor_virtual=config.firewall.tor_virtual_networks,
     )

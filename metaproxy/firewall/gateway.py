@@ -11,18 +11,21 @@ chains that catch this host's own programs. Why the rules are as they are:
    ``[firewall] dns``. Without a resolver (or for the family it does not
    have) DNS is rejected, in FORWARD and INPUT, strict or not, and tcp/53 is
    never handed to the proxy.
-3. Connections to the gateway itself (any of its addresses, whatever the
+3. TCP to Tor's virtual addresses (``tor_virtual_networks``) goes to the
+   daemon first, before the exemptions below: Tor's default ranges lie
+   inside the reserved networks.
+4. Connections to the gateway itself (any of its addresses, whatever the
    interface: addrtype LOCAL, ``fib daddr type local``) and to the reserved
    networks are not diverted, so that a client reaching the daemon's port
    directly meets the daemon's loop guard, and the other services of the
    gateway meet the filter.
-4. The rest of the TCP goes to the daemon. Under REDIRECT, PREROUTING
+5. The rest of the TCP goes to the daemon. Under REDIRECT, PREROUTING
    rewrites the destination to the address of the interface the connection
    came in on, so the daemon listens there or on a wildcard; a listener on
    another address of that family is reached by DNAT. Under TPROXY the
    packet is handed to the listening socket and the policy routing brings
    it in through lo, as for local clients.
-5. ``--strict`` makes the gateway fail closed: FORWARD rejects everything
+6. ``--strict`` makes the gateway fail closed: FORWARD rejects everything
    from those interfaces (with a reply, so that clients fail at once) except
    a resolver on another host, and drops everything to them that is not
    that resolver's answer. INPUT accepts from them only the daemon (its
@@ -43,7 +46,7 @@ import ipaddress
 
 from metaproxy.firewall.rules import (
     DNS_PORT, TPROXY_MARK, Action, Dnat, Drop, IPAddress, IPNetwork, Match, Mode, Ndp, PlanError, Proto,
-    Redirect, Reject, RejectWith, Return, Rule, Settings, Tproxy, endpoint,
+    VIRTUAL_WHY, Redirect, Reject, RejectWith, Return, Rule, Settings, Tproxy, endpoint, to_networks,
 )
 
 Resolver = tuple[IPAddress, int]
@@ -57,34 +60,38 @@ def check_interfaces(s: Settings) -> None:
             raise PlanError("[firewall] lan_interfaces", "interface names, or prefixes ending in '*'", repr(name))
 
 
-def nat_prerouting(s: Settings, reserved: tuple[IPNetwork, ...], dns: Resolver | None,
-                   listeners: dict[int, IPAddress | None]) -> tuple[Rule, ...]:
-    """DNS, then (under REDIRECT) the diversion of the rest of the TCP."""
+def nat_prerouting(s: Settings, reserved: tuple[IPNetwork, ...], virtual: tuple[IPNetwork, ...],
+                   dns: Resolver | None, listeners: dict[int, IPAddress | None]) -> tuple[Rule, ...]:
+    """DNS, then (under REDIRECT) Tor's virtual addresses and the rest of the TCP."""
     rules: list[Rule] = []
     for lan in s.lan_interfaces:
         rules += _dns(lan, dns)
         if s.mode is Mode.REDIRECT:
+            rules += to_networks(_to_listener(s, lan, listeners), virtual, VIRTUAL_WHY)
             rules += _not_diverted(lan, reserved)
             rules += _to_listener(s, lan, listeners)
     return tuple(rules)
 
 
-def mangle_prerouting(s: Settings, reserved: tuple[IPNetwork, ...],
+def mangle_prerouting(s: Settings, reserved: tuple[IPNetwork, ...], virtual: tuple[IPNetwork, ...],
                       listeners: dict[int, IPAddress | None]) -> tuple[Rule, ...]:
     """TPROXY: the LAN's TCP to the listening socket, marked for the policy routing."""
     rules: list[Rule] = []
     for lan in s.lan_interfaces:
-        rules += _not_diverted(lan, reserved)
-        rules.append(Rule(Match(in_interface=lan, proto=Proto.TCP, dport=DNS_PORT), Return(),
-                          "LAN DNS over TCP is not proxied: the nat chain sends it to the resolver or the "
-                          "filter rejects it"))
+        to_daemon = []
         for family in (4, 6):
             ip = listeners[family]
             on = ipaddress.ip_address("127.0.0.1" if family == 4 else "::1") if ip is None or ip.is_unspecified \
                 else ip
-            rules.append(Rule(Match(family=family, in_interface=lan, proto=Proto.TCP),
-                              Tproxy(on, s.port, TPROXY_MARK), "every other TCP connection from the LAN goes "
-                              "to the daemon (marked, policy routing delivers it through lo)"))
+            to_daemon.append(Rule(Match(family=family, in_interface=lan, proto=Proto.TCP),
+                                  Tproxy(on, s.port, TPROXY_MARK), "every other TCP connection from the LAN goes "
+                                  "to the daemon (marked, policy routing delivers it through lo)"))
+        rules += to_networks(to_daemon, virtual, VIRTUAL_WHY)
+        rules += _not_diverted(lan, reserved)
+        rules.append(Rule(Match(in_interface=lan, proto=Proto.TCP, dport=DNS_PORT), Return(),
+                          "LAN DNS over TCP is not proxied: the nat chain sends it to the resolver or the "
+                          "filter rejects it"))
+        rules += to_daemon
     return tuple(rules)
 
 

@@ -17,14 +17,21 @@ under REDIRECT, mangle OUTPUT under TPROXY):
 2. Exempted users (for example ``debian-tor``, when Tor runs on this machine)
    are left alone next, for the same reason: Tor's own connections to its
    guards would otherwise be diverted into the proxy and loop.
-3. Loopback is local by definition.
-4. In strict mode DNS is taken before the reserved networks, so that a query
+3. TCP to Tor's virtual addresses (``[firewall] tor_virtual_networks``) goes
+   to the listener before anything else is exempted: Tor's defaults,
+   10.192.0.0/10 and fe80::/10, lie inside the reserved networks, and a
+   loopback range (Tails uses 127.192.0.0/10) inside loopback. Only TCP: the
+   host's own link-local traffic (neighbour discovery is ICMPv6, DHCPv6 UDP)
+   is not touched; TCP to a real link-local neighbour is diverted too, which
+   is why the range can be emptied or narrowed.
+4. Loopback is local by definition.
+5. In strict mode DNS is taken before the reserved networks, so that a query
    to the LAN's resolver (192.168.1.1:53) goes to the configured resolver too,
    and tcp/53 is never handed to the proxy: it is sent to the resolver or
    rejected, as udp/53 is.
-5. The upstreams themselves, then the reserved and local networks, are not
+6. The upstreams themselves, then the reserved and local networks, are not
    diverted: the proxy could not reach them anyway.
-6. Everything else that is TCP goes to the listener.
+7. Everything else that is TCP goes to the listener.
 
 The strict filter then lets through only loopback, what we diverted (now
 bound for a loopback address, or carrying our TPROXY mark), the exempted
@@ -42,12 +49,14 @@ import re
 from metaproxy.firewall import gateway
 from metaproxy.firewall.rules import (
     DNS_PORT, TPROXY_MARK, Action, Chain, Dnat, Drop, Hook, IPAddress, IPNetwork, Match, Mode, Ndp, Plan,
-    PlanError, Proto, Redirect, Reject, RejectWith, Return, Rule, SetMark, Settings, Tproxy, endpoint,
+    VIRTUAL_WHY, PlanError, Proto, Redirect, Reject, RejectWith, Return, Rule, SetMark, Settings, Tproxy, endpoint,
+    to_networks,
 )
 
 # Debian's NAME_REGEX for system users, a little wider (upper case, '.'), or
 # a numeric uid. The name is pasted into rule text, so nothing else may pass.
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")
+
 
 
 # ---- building ------------------------------------------------------------------------
@@ -59,6 +68,7 @@ def build(s: Settings) -> Plan:
         _check_user("exempt user", user)
     gateway.check_interfaces(s)
     reserved = _networks(s.reserved)
+    virtual = _networks(s.tor_virtual, "[firewall] tor_virtual_networks")
     # An upstream on loopback is covered by the loopback rules already.
     proxies = tuple((ip, port) for ip, port in ((ipaddress.ip_address(h), p) for h, p in s.proxies)
                     if not ip.is_loopback)
@@ -66,10 +76,10 @@ def build(s: Settings) -> Plan:
     listeners = {4: _listener(s.listen, 4), 6: _listener(s.listen, 6)}
 
     chains = [Chain(Hook.NAT_OUTPUT if s.mode is Mode.REDIRECT else Hook.MANGLE_OUTPUT,
-                    _divert(s, reserved, proxies, dns, listeners))]
+                    _divert(s, reserved, virtual, proxies, dns, listeners))]
     if s.mode is Mode.TPROXY:
         chains.append(Chain(Hook.MANGLE_PREROUTING,
-                            _tproxy(s, listeners) + gateway.mangle_prerouting(s, reserved, listeners)))
+                            _tproxy(s, listeners) + gateway.mangle_prerouting(s, reserved, virtual, listeners)))
         chains.append(Chain(Hook.MANGLE_POSTROUTING, (Rule(
             Match(mark=TPROXY_MARK, out_not_loopback=True), Drop(),
             "marked packets leave only through lo: without the policy routing they would go out "
@@ -81,7 +91,7 @@ def build(s: Settings) -> Plan:
         chains.append(Chain(Hook.FILTER_OUTPUT, _strict(s, proxies, dns, listeners)))
     if s.lan_interfaces:
         chains += [Chain(hook, rules) for hook, rules in (
-            (Hook.NAT_PREROUTING, gateway.nat_prerouting(s, reserved, dns, listeners)),
+            (Hook.NAT_PREROUTING, gateway.nat_prerouting(s, reserved, virtual, dns, listeners)),
             (Hook.FILTER_FORWARD, gateway.filter_forward(s, dns)),
             (Hook.FILTER_INPUT, gateway.filter_input(s, dns))) if rules]
     notes = _notes(s, listeners) + tuple(gateway.notes(s, dns, listeners))
@@ -89,12 +99,19 @@ def build(s: Settings) -> Plan:
 
 
 def _leave_alone(s: Settings, family: int | None = None) -> tuple[Rule, ...]:
+    return _users_alone(s, family) + (_loopback_alone(family),)
+
+
+def _users_alone(s: Settings, family: int | None = None) -> tuple[Rule, ...]:
     rules = [Rule(Match(family=family, uid=s.service_user), Return(),
                   "the daemon's own connections (to the upstreams)")]
     rules += [Rule(Match(family=family, uid=u), Return(), "exempted users (e.g. a local Tor's own connections)")
               for u in s.exempt_users]
-    rules.append(Rule(Match(family=family, out_loopback=True), Return(), "loopback"))
     return tuple(rules)
+
+
+def _loopback_alone(family: int | None = None) -> Rule:
+    return Rule(Match(family=family, out_loopback=True), Return(), "loopback")
 
 
 def _dns(dns: tuple[IPAddress, int]) -> tuple[Rule, ...]:
@@ -106,9 +123,12 @@ def _dns(dns: tuple[IPAddress, int]) -> tuple[Rule, ...]:
                  for p in (Proto.UDP, Proto.TCP))
 
 
-def _divert(s: Settings, reserved: tuple[IPNetwork, ...], proxies: tuple[tuple[IPAddress, int], ...],
-            dns: tuple[IPAddress, int] | None, listeners: dict[int, IPAddress | None]) -> tuple[Rule, ...]:
-    rules = list(_leave_alone(s))
+def _divert(s: Settings, reserved: tuple[IPNetwork, ...], virtual: tuple[IPNetwork, ...],
+            proxies: tuple[tuple[IPAddress, int], ...], dns: tuple[IPAddress, int] | None,
+            listeners: dict[int, IPAddress | None]) -> tuple[Rule, ...]:
+    rules = list(_users_alone(s))
+    rules += to_networks(_send_to_listener(s, listeners), virtual, VIRTUAL_WHY)
+    rules.append(_loopback_alone())
     if s.strict:
         rules += _divert_dns(s, dns)
     rules += [Rule(Match(family=ip.version, daddr=(ipaddress.ip_network(ip),), proto=Proto.TCP, dport=port),
@@ -230,13 +250,13 @@ def _check_user(key: str, name: str) -> None:
         raise PlanError(key, "a user name (letters, digits, '_', '.', '-') or a numeric uid", repr(name))
 
 
-def _networks(texts: tuple[str, ...]) -> tuple[IPNetwork, ...]:
+def _networks(texts: tuple[str, ...], key: str = "reserved network") -> tuple[IPNetwork, ...]:
     nets = []
     for text in texts:
         try:
             nets.append(ipaddress.ip_network(text))
         except ValueError as e:
-            raise PlanError("reserved network", "an IP network such as 10.0.0.0/8", repr(text)) from e
+            raise PlanError(key, "an IP network such as 10.0.0.0/8", repr(text)) from e
     return tuple(nets)
 
 

@@ -9,6 +9,7 @@ Pure values only: no I/O, no sockets, no subprocesses.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 from dataclasses import dataclass, field
@@ -46,6 +47,12 @@ TPROXY_MARK = 0x8675
 TPROXY_TABLE = 8675
 
 DNS_PORT = 53
+
+# Tor's own defaults for VirtualAddrNetworkIPv4 and VirtualAddrNetworkIPv6: the
+# addresses its DNSPort hands out (AutomapHostsOnResolve) for .onion names.
+# Both overlap DEFAULT_RESERVED (10.0.0.0/8, fe80::/10), so the plan diverts
+# them before it exempts the reserved networks.
+TOR_VIRTUAL_DEFAULT: tuple[str, ...] = ("10.192.0.0/10", "fe80::/10")
 
 
 class Mode(enum.Enum):
@@ -187,6 +194,7 @@ class Settings:
     exempt_users: tuple[str, ...] = ()
     reserved: tuple[str, ...] = DEFAULT_RESERVED
     lan_interfaces: tuple[str, ...] = ()         # gateway mode: clients behind these are diverted
+    tor_virtual: tuple[str, ...] = ()            # Tor's virtual ranges: diverted before any exemption
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +222,20 @@ class PlanError(ValueError):
     def __init__(self, key: str, expected: str, found: str) -> None:
         super().__init__(f"{key}: expected {expected}, found {found}")
         self.key, self.expected, self.found = key, expected, found
+
+
+VIRTUAL_WHY = ("Tor's virtual addresses (.onion and names its DNSPort mapped): to the daemon, "
+               "before any exemption")
+
+
+def to_networks(rules: list[Rule] | tuple[Rule, ...], nets: tuple[IPNetwork, ...], why: str) -> list[Rule]:
+    """``rules`` limited to destinations in ``nets``: each family's rules to that family's networks."""
+    out = []
+    for family in (4, 6):
+        mine = tuple(n for n in nets if n.version == family)
+        out += [Rule(dataclasses.replace(r.match, family=family, daddr=mine), r.action, why)
+                for r in rules if mine and r.match.family in (None, family)]
+    return out
 
 
 def endpoint(ip: IPAddress, port: int) -> str:

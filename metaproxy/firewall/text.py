@@ -25,6 +25,11 @@ def summary(plan: Plan, what: str) -> list[str]:
               if plan.strict else "not strict (only TCP is diverted; other traffic is not touched)")
     lines = [f"Firewall rules for {PROGRAM}(8), generated from its configuration: {what}.",
              f"Mode {mode}, listener port {plan.settings.port}; {strict}."]
+    virtual = plan.settings.tor_virtual
+    if virtual:
+        lines.append(f"Tor's virtual addresses ({', '.join(virtual)}: [firewall] tor_virtual_networks, for .onion "
+                     "names from Tor's DNSPort): their TCP goes to the daemon before any network is exempted"
+                     + (", including TCP to link-local neighbours." if any(":" in n for n in virtual) else "."))
     lan = plan.settings.lan_interfaces
     if lan:
         lines.append(f"Gateway: TCP from clients on {', '.join(lan)} is diverted to the daemon too, and their DNS "

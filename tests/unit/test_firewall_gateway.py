@@ -92,8 +92,10 @@ def test_lan_dns_goes_first_then_the_gateway_itself_and_reserved_networks_then_t
     chain = rules(plan, Hook.NAT_PREROUTING, 4)
     assert all(r.match.in_interface == LAN for r in chain)
     assert [r.action for r in chain[:2]] == [Dnat(ipaddress.ip_address("203.0.113.1"), 5353)] * 2
-    assert chain[2].match.daddr_local and isinstance(chain[2].action, Return)
-    assert isinstance(chain[3].action, Return) and ipaddress.ip_network("10.0.0.0/8") in chain[3].match.daddr
+    # Tor's virtual addresses before any exemption: they lie inside 10.0.0.0/8.
+    assert chain[2].match.daddr == (ipaddress.ip_network("10.192.0.0/10"),) and chain[2].action == Redirect(8675)
+    assert chain[3].match.daddr_local and isinstance(chain[3].action, Return)
+    assert isinstance(chain[4].action, Return) and ipaddress.ip_network("10.0.0.0/8") in chain[4].match.daddr
     assert chain[-1].action == Redirect(8675), "a wildcard listener takes REDIRECT's interface address"
 
 
@@ -108,6 +110,10 @@ def test_tproxy_gateway_diverts_in_mangle_and_keeps_only_dns_in_nat(tmp_path: pa
     plan = plan_for(config(tmp_path, listen="127.0.0.1, ::1", mode="tproxy"), strict=False)
     lan = [r for r in rules(plan, Hook.MANGLE_PREROUTING) if r.match.in_interface == LAN]
     assert [type(r.action) for r in lan[-2:]] == [Tproxy, Tproxy]
+    # Tor's virtual addresses are handed to the daemon first, before the gateway's own and reserved ones.
+    assert [type(r.action) for r in lan[:2]] == [Tproxy, Tproxy]
+    assert [r.match.daddr for r in lan[:2]] == [(ipaddress.ip_network("10.192.0.0/10"),),
+                                                 (ipaddress.ip_network("fe80::/10"),)]
     nat = rules(plan, Hook.NAT_PREROUTING)
     assert not any(isinstance(r.action, Redirect) for r in nat), "TPROXY: the nat chain only translates DNS"
 

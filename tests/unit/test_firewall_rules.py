@@ -14,7 +14,8 @@ from metaproxy.config.model import Config, FirewallSettings
 from metaproxy.errors import ConfigError
 from metaproxy.firewall import BACKENDS, plan_for, render
 from metaproxy.firewall.rules import (
-    DEFAULT_RESERVED, Dnat, Hook, Plan, Redirect, Reject, RejectWith, Return, SetMark, Tproxy,
+    DEFAULT_RESERVED, TOR_VIRTUAL_DEFAULT, VIRTUAL_WHY, Dnat, Hook, Plan, Proto, Redirect, Reject, RejectWith, Return, SetMark,
+    Tproxy,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -71,9 +72,107 @@ def test_nat_chain_order_service_user_first_redirect_last(tmp_path: pathlib.Path
     assert chain is not None
     rules = chain.for_family(4)
     assert rules[0].match.uid == "nobody" and isinstance(rules[0].action, Return)
-    assert rules[1].match.out_loopback
+    assert rules[1].match.daddr == (ipaddress.ip_network("10.192.0.0/10"),) and rules[1].action == Redirect(8675)
+    assert rules[2].match.out_loopback
     assert rules[-1].action == Redirect(8675) and rules[-1].match.proto is not None
-    assert all(isinstance(r.action, Return) for r in rules[:-1])
+    assert all(isinstance(r.action, Return) for r in rules[2:-1])
+
+
+# ---- Tor's virtual addresses ([firewall] tor_virtual_networks) ----------------------------
+
+VIRTUAL4, VIRTUAL6 = ipaddress.ip_network("10.192.0.0/10"), ipaddress.ip_network("fe80::/10")
+
+
+def _first_match(rules: tuple[object, ...] | list[object], ip: str) -> object:
+    """The first rule a TCP packet from an ordinary user to ``ip`` meets (uid and interface rules skipped)."""
+    address = ipaddress.ip_address(ip)
+    for rule in rules:
+        m = rule.match  # type: ignore[attr-defined]
+        if m.uid or m.out_loopback or m.in_loopback or m.dport or m.mark or m.daddr_local or m.ndp:
+            continue
+        if m.family not in (None, address.version) or (m.daddr and not any(address in n for n in m.daddr)):
+            continue
+        if m.proto not in (None, Proto.TCP):
+            continue
+        return rule
+    raise AssertionError(f"no rule matches {ip}")
+
+
+def test_default_virtual_networks_are_tors_own_defaults(tmp_path: pathlib.Path) -> None:
+    """10.192.0.0/10 and fe80::/10: Tor's VirtualAddrNetworkIPv4/IPv6 defaults, in config, spec and rules."""
+    assert config(tmp_path).firewall.tor_virtual_networks == TOR_VIRTUAL_DEFAULT == ("10.192.0.0/10", "fe80::/10")
+    assert FirewallSettings().tor_virtual_networks == TOR_VIRTUAL_DEFAULT
+
+
+@pytest.mark.parametrize("mode", ["redirect", "tproxy"])
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("ip", ["10.192.0.1", "10.255.255.254", "fe80::1", "febf::1"])
+def test_tcp_to_a_virtual_address_is_diverted_before_the_reserved_networks_are_exempted(
+        tmp_path: pathlib.Path, mode: str, strict: bool, ip: str) -> None:
+    """Tor's virtual addresses lie inside 10.0.0.0/8 and fe80::/10: the diversion comes first."""
+    plan = plan_for(config(tmp_path, daemon=f"mode = {mode}", dns="192.0.2.53:53"), strict=strict)
+    hook = Hook.NAT_OUTPUT if mode == "redirect" else Hook.MANGLE_OUTPUT
+    chain = plan.chain(hook)
+    assert chain is not None
+    rule = _first_match(chain.for_family(ipaddress.ip_address(ip).version), ip)
+    assert rule.action in (Redirect(8675), SetMark(0x8675)), rule  # type: ignore[attr-defined]
+    assert rule.match.proto is Proto.TCP  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("ip", ["10.0.0.1", "10.191.255.255", "fc00::1"])
+def test_the_rest_of_the_reserved_networks_stays_exempt(tmp_path: pathlib.Path, ip: str) -> None:
+    rule = _first_match(plan_for(config(tmp_path), strict=False).chain(Hook.NAT_OUTPUT).for_family(  # type: ignore[union-attr]
+        ipaddress.ip_address(ip).version), ip)
+    assert isinstance(rule.action, Return)  # type: ignore[attr-defined]
+
+
+def test_only_tcp_to_link_local_is_diverted_neighbour_discovery_is_untouched(tmp_path: pathlib.Path) -> None:
+    """fe80::/10 is where the host's own link-local traffic goes: only TCP is taken."""
+    for strict in (False, True):
+        plan = plan_for(config(tmp_path), strict=strict)
+        for chain in plan.chains:
+            for rule in chain.rules:
+                if VIRTUAL6 in rule.match.daddr and rule.why == VIRTUAL_WHY:
+                    assert rule.match.proto is Proto.TCP and not isinstance(rule.action, (Reject, Return)), rule
+        assert any(r.why == VIRTUAL_WHY for c in plan.chains for r in c.for_family(6))
+
+
+def test_empty_tor_virtual_networks_turns_the_diversion_off(tmp_path: pathlib.Path) -> None:
+    cfg = config(tmp_path, firewall="tor_virtual_networks = ,")
+    assert cfg.firewall.tor_virtual_networks == ()
+    plan = plan_for(cfg, strict=True)
+    assert not any(r.why == VIRTUAL_WHY or VIRTUAL4 in r.match.daddr for c in plan.chains for r in c.rules)
+    blank = config(tmp_path, firewall="tor_virtual_networks = \"\"")
+    assert blank.firewall.tor_virtual_networks == ()
+    for backend in BACKENDS:
+        assert "10.192.0.0" not in render(cfg, backend, strict=True)
+
+
+def test_a_loopback_virtual_range_like_tails_is_diverted_before_loopback(tmp_path: pathlib.Path) -> None:
+    """Tails sets VirtualAddrNetworkIPv4 127.192.0.0/10: the diversion precedes the loopback exemption."""
+    cfg = config(tmp_path, firewall="tor_virtual_networks = 127.192.0.0/10")
+    chain = plan_for(cfg, strict=False).chain(Hook.NAT_OUTPUT)
+    assert chain is not None
+    rules = chain.for_family(4)
+    virtual = next(i for i, r in enumerate(rules) if ipaddress.ip_network("127.192.0.0/10") in r.match.daddr)
+    loopback = next(i for i, r in enumerate(rules) if r.match.out_loopback)
+    assert virtual < loopback and rules[virtual].action == Redirect(8675)
+    assert not plan_for(cfg, strict=False).chain(Hook.NAT_OUTPUT).for_family(6)[1].match.daddr  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("value, found", [
+    ("10.192.0.1/10", "has host bits set"),
+    ("10.192.0.0/33", "10.192.0.0/33"),
+    ("onion", "'onion'"),
+    ("0.0.0.0/0", "narrower than /0"),
+    ("10.192.0.0/10, 192.0.2.0/24", "192.0.2.2 inside 192.0.2.0/24"),
+])
+def test_bad_virtual_networks_are_config_errors_with_their_line(tmp_path: pathlib.Path, value: str,
+                                                                  found: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config(tmp_path, firewall=f"tor_virtual_networks = {value}")
+    problem = "\n".join(e.value.problems)
+    assert "fw.conf:15: [firewall] tor_virtual_networks:" in problem and found in problem, problem
 
 
 def test_upstreams_are_excluded_by_address_and_port_but_loopback_ones_need_no_rule(tmp_path: pathlib.Path) -> None:
@@ -164,7 +263,7 @@ def test_strict_without_resolver_rejects_dns_and_keeps_tcp_53_from_the_proxy(tmp
     assert len(dns) == 1 and dns[0].match.family is None and isinstance(dns[0].action, Return)
     assert any("no [firewall] dns" in n for n in plan.notes)
     text = render(config(tmp_path), "iptables", strict=True)
-    assert text.index("--dport 53 -j RETURN") < text.index("-j REDIRECT --to-ports 8675")
+    assert text.index("--dport 53 -j RETURN") < text.index("-A METAPROXY -p tcp -j REDIRECT --to-ports 8675")
 
 
 def test_strict_loopback_resolver_is_redirected_in_its_family_only(tmp_path: pathlib.Path) -> None:
