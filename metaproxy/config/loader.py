@@ -23,8 +23,8 @@ from metaproxy.config.addresses import (
 )
 from metaproxy.config.lines import LineIndex
 from metaproxy.config.model import (
-    Config, DaemonSettings, FirewallSettings, InetAddress, Isolation, PortRange, RedirectMode,
-    RouteTable, SeccompAction, UnixAddress, Upstream, UpstreamType,
+    Config, DaemonSettings, FirewallSettings, InetAddress, Isolation, IsolationRule, PortRange, RedirectMode,
+    RouteTable, SeccompAction, UnixAddress, Upstream, UpstreamType, default_connect_timeout,
 )
 from metaproxy.config.spec import CONFIGSPEC, EXPECTED
 from metaproxy.errors import ConfigError
@@ -112,6 +112,9 @@ def parse_configobj(path: str, text: str) -> Config:
             continue  # route keys are free-form; upstreams must be [[subsections]], checked below
         what = "section" if isinstance(_section(obj, sections).get(name), dict) else "key"
         problems.add(tuple(sections), name, "a known " + what, f"unknown {what} {name!r}")
+    for name, section in obj["upstreams"].items():
+        if isinstance(section, dict) and isinstance(section.get("isolation"), list):
+            _isolation(("upstreams", name), section, problems)
     if problems.items:
         raise ConfigError(problems.items)
     return _build(path, obj, problems)
@@ -130,6 +133,7 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
             problems.add(("daemon",), "listen", EXPECTED["listen"], str(e))
     daemon = DaemonSettings(
         listen=tuple(listen), port=d["port"], mode=RedirectMode(d["mode"]), user=d["user"],
+        groups=tuple(dict.fromkeys(d["groups"])),
         max_connections=d["max_connections"], idle_timeout=d["idle_timeout"],
         connect_timeout=d["connect_timeout"], drain_timeout=d["drain_timeout"],
         log_destinations=d["log_destinations"], log_connections=d["log_connections"],
@@ -137,6 +141,10 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
         seccomp=SeccompAction(d["seccomp"]),
     )
     _user_name(("daemon",), "user", d["user"], problems)
+    for group in daemon.groups:
+        # Whether each exists is -t's check (metaproxy.checks): /etc/group is out of the sandbox on reload.
+        if not is_user_name(group) or group.isdigit():
+            problems.add(("daemon",), "groups", GROUP_NAME_RULE, repr(group))
     upstreams = {}
     for name, section in obj["upstreams"].items():
         if not isinstance(section, dict):
@@ -160,7 +168,7 @@ def _build(path: str, obj: Any, problems: "_Problems") -> Config:
     virtual = _tor_virtual_networks(obj["firewall"]["tor_virtual_networks"], daemon, upstreams, dns, problems)
     if problems.items:
         raise ConfigError(problems.items)
-    return Config(source=path, daemon=daemon, upstreams=upstreams, routes=routes,
+    return Config(source=path, daemon=daemon, upstreams=upstreams, routes=routes, lines=problems.lines,
                   firewall=FirewallSettings(dns=dns, exempt_users=tuple(obj["firewall"]["exempt_users"]),
                                             lan_interfaces=lan, tor_virtual_networks=virtual))
 
@@ -228,7 +236,32 @@ def _user_name(where: tuple[str, ...], key: str, name: str, problems: "_Problems
         problems.add(where, key, USER_NAME_RULE, repr(name))
 
 
-def _upstream(name: str, s: Any, default_timeout: float, problems: "_Problems") -> Upstream | None:
+GROUP_NAME_RULE = "a group name (letters, digits, '_', '.', '-', at most 32 of them, not all digits)"
+
+
+def _isolation(where: tuple[str, ...], s: Any, problems: "_Problems | None" = None) -> IsolationRule:
+    """``user, destination``: units combined; connection and none only alone (and never rotate).
+
+    Checked with the configspec's own checks (``problems`` given), so that -t
+    lists a wrong isolation with every other mistake; built later without it.
+    """
+    units: set[Isolation] = set()
+    for text in s["isolation"]:
+        try:
+            units.add(Isolation(text.strip()))
+        except ValueError:
+            if problems is not None:
+                problems.add(where, "isolation", EXPECTED["isolation"], repr(text))
+    alone = units & {Isolation.CONNECTION, Isolation.NONE}
+    if problems is not None and alone and len(units) > 1:
+        problems.add(where, "isolation", f"{next(iter(alone)).value} alone (it cannot combine with another unit)",
+                     repr(", ".join(s["isolation"])))
+    if problems is not None and not s["isolation"]:
+        problems.add(where, "isolation", EXPECTED["isolation"], "nothing")
+    return IsolationRule(frozenset(units), 0 if alone else s["isolation_period"])
+
+
+def _upstream(name: str, s: Any, default_timeout: float | None, problems: "_Problems") -> Upstream | None:
     where = ("upstreams", name)
     kind = UpstreamType(s["type"])
     try:
@@ -259,10 +292,12 @@ def _upstream(name: str, s: Any, default_timeout: float, problems: "_Problems") 
     if kind is UpstreamType.SOCKS4 or kind is UpstreamType.SOCKS4A:
         if s["password"]:
             problems.add(where, "password", "no password (SOCKS4 has only a user id)", "a password")
-    timeout = s["connect_timeout"] if s["connect_timeout"] is not None else default_timeout
+    # The upstream's own key, else an explicit [daemon] connect_timeout, else the type's default.
+    timeout = next((t for t in (s["connect_timeout"], default_timeout) if t is not None),
+                   default_connect_timeout(kind))
     return Upstream(name=name, type=kind, address=address, username=s["username"],
                     password=s["password"], connect_timeout=timeout,
-                    isolation=Isolation(s["isolation"]))
+                    isolation=_isolation(where, s))
 
 
 def _routes(section: Any, upstreams: set[str], problems: "_Problems") -> RouteTable:

@@ -10,9 +10,10 @@ listen = string_list(default=list('127.0.0.1', '::1'))
 port = integer(1, 65535, default=8675)
 mode = option('redirect', 'tproxy', default='redirect')
 user = string(min=1, default='_metaproxy')
+groups = string_list(default=list())
 max_connections = integer(1, 1000000, default=4096)
 idle_timeout = float(0, 604800, default=900)
-connect_timeout = float(0.1, 600, default=10)
+connect_timeout = float(0.1, 600, default=None)
 drain_timeout = float(0, 3600, default=10)
 log_destinations = boolean(default=False)
 log_connections = boolean(default=False)
@@ -26,7 +27,8 @@ address = string(min=1)
 username = string(max=255, default='')
 password = string(max=255, default='')
 connect_timeout = float(0.1, 600, default=None)
-isolation = option('connection', 'destination', 'user', 'client', 'none', default='connection')
+isolation = string_list(default=list('user', 'destination'))
+isolation_period = integer(0, 86400, default=600)
 
 [routes]
 __many__ = string(min=1)
@@ -44,6 +46,7 @@ EXPECTED = {
     "port": "an integer from 1 to 65535",
     "mode": "one of redirect, tproxy",
     "user": "a user name",
+    "groups": "a comma-separated list of group names",
     "max_connections": "an integer from 1 to 1000000",
     "idle_timeout": "seconds, from 0 to 604800",
     "connect_timeout": "seconds, from 0.1 to 600",
@@ -56,7 +59,9 @@ EXPECTED = {
     "address": "ip:port, [ipv6]:port or unix:/path",
     "username": "at most 255 characters",
     "password": "at most 255 characters",
-    "isolation": "one of connection, destination, user, client, none",
+    "isolation": ("destination, user and client, alone or combined with commas, or connection or none "
+                  "alone"),
+    "isolation_period": "seconds, from 0 (never rotate) to 86400",
     "dns": "ip:port or [ipv6]:port, or empty",
     "exempt_users": "a comma-separated list of user names",
     "lan_interfaces": "a comma-separated list of interface names, or prefixes ending in '*'",
