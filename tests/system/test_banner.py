@@ -1,4 +1,4 @@
-"""A server that speaks first, like SSH or SMTP, is relayed through every kind of upstream (issue 10).
+"""A server that speaks first, like SSH or SMTP, is relayed through every kind of upstream.
 
 servers.py banner, in the web namespace, sends peers.BANNER as soon as it
 accepts, then echoes. topology.BANNER_ROUTES routes one of its ports to each

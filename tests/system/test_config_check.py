@@ -1,5 +1,5 @@
-"""``-t`` checks a config file: the relay table and exit 0, or one line per problem and exit 78
-(issue 2, item 10). Each problem line names the file and the line."""
+"""``-t`` checks a config file: the relay table and exit 0, or one line per problem and exit 78.
+Each problem line names the file and the line."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def test_missing_file_exits_78_naming_it(conf_dir: Path) -> None:
     assert str(path) in err and "Traceback" not in err, err
 
 
-# ---- issue 11, items 6-9, and issue 10, through the real entry point --------------------
+# ---- refusals, warnings and usage errors of -t, through the real entry point ----------
 
 EX_USAGE = 64
 

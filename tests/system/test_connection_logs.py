@@ -1,5 +1,5 @@
 """No traffic record at the default level; per-connection lines only on request;
-refusal lines rate-limited (issue 11, item 5).
+refusal lines rate-limited.
 
 - Default: a relayed connection writes no line of its own (no "open via", no
   "close ("): when connections happen and how many bytes they move is

@@ -1,5 +1,5 @@
 """SIGTERM's drain resets every client whose upstream is still being dialled, and
-the books balance: "stopped: 0 open" (issue 11, item 11).
+the books balance: "stopped: 0 open".
 
 Two kinds of unfinished dial are cut short by the drain:
 

@@ -1,4 +1,4 @@
-"""Faults the daemon must survive without a restart (issue 7).
+"""Faults the daemon must survive without a restart.
 
 Each test starts a daemon of its own in the lab (start_own_daemon) and drives
 it with tests/soak/traffic.py echo clients, or single round trips:

@@ -1,4 +1,4 @@
-"""A client that is already gone costs no upstream CONNECT (issue 11, item 10).
+"""A client that is already gone costs no upstream CONNECT.
 
 The storm: STORM clients connect through the REDIRECT and reset at once
 (SO_LINGER 0, then close, right after connect), to a port routed to a counting

@@ -1,4 +1,4 @@
-"""Tor stream isolation through generated SOCKS5 credentials (issue 2, item 8).
+"""Tor stream isolation through generated SOCKS5 credentials, per isolation mode.
 
 The upstream is dante with "socksmethod: pam.username none" and pam_permit:
 like Tor, it accepts any username and password, or none, and its own log
@@ -135,7 +135,7 @@ def test_configured_username_overrides_isolation(world: World, relay: Daemon) ->
     assert names == ["fixeduser", "fixeduser"], f"dante saw {names}"
 
 
-# The race of issue 11, item 1. Run in the client namespace as a given uid:
+# A client gone before its owner is looked up (the uid-0 race). Run in the client namespace as a given uid:
 #   burst N    N concurrent HTTP/1.0 fetches that stay connected until the reply;
 #              prints how many got "HTTP/1.1 200"
 #   closers N  N connections closed at once after connect(), 10 ms apart; prints N
@@ -197,7 +197,7 @@ def _settled_sessions(log: Path, mark: int, port: int, at_least: int, timeout: f
 
 def test_isolation_user_never_gives_a_gone_client_root_s_or_another_user_s_token(
         world: World, relay: Daemon) -> None:
-    """The race of issue 11, item 1: clients of nobody that close right after connecting,
+    """The uid-0 race of a gone client: clients of nobody that close right after connecting,
     during a burst of 300 connections from uid 4242. A gone client's socket is listed
     with uid 0 (TIME_WAIT, orphaned FIN_WAIT2); the daemon must not read that as root.
     Every burst connection carries uid 4242's username, no other connection does, and

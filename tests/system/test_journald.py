@@ -1,4 +1,5 @@
-"""Journal records of a real daemon, read back from a private systemd-journald (issue 3).
+"""Journal records of a real daemon, read back from a private systemd-journald:
+the fields, no destination at the default level, and logging under the filter.
 
 PID 1 here is not systemd, and JournalHandler-type code drops records
 silently when no journal socket exists, so these tests never trust the

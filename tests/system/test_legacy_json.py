@@ -1,4 +1,4 @@
-"""The original program's JSON config still runs unchanged (issue 2, item 9)."""
+"""The original program's JSON config still runs unchanged."""
 
 from __future__ import annotations
 

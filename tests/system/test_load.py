@@ -1,4 +1,4 @@
-"""2,000 concurrent clients through the real daemon, every byte checked (issue 7).
+"""2,000 concurrent clients through the real daemon, every byte checked.
 
 In the lab, tests/soak/traffic.py runs in the client namespace as a few
 processes. Its clients connect to an echo server in the web namespace; the

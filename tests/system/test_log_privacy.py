@@ -1,4 +1,4 @@
-"""At the default level no log line names a destination; with -d they appear (issue 2, item 11).
+"""At the default level no log line names a destination; with -d they appear.
 
 The daemon is driven through every outcome that could log a destination:
 relayed (IPv4 and IPv6), upstream down, upstream handshake timeout, unmatched

@@ -1,4 +1,4 @@
-"""The loop guard compares with the accepted socket's own address (issue 11, item 4).
+"""The loop guard compares with the accepted socket's own address, not the listener's.
 
 A connection that no REDIRECT rule rewrote still has a conntrack entry once the
 namespace has NAT rules (the lab's REDIRECT rules register the nat table, so

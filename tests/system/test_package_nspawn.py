@@ -393,7 +393,7 @@ def test_tproxy_mode_starts_with_the_documented_capability_drop_in(box: Containe
 
 
 def test_sigkill_is_survived_through_restart_on_failure(box: Container) -> None:
-    """SIGKILL (issue 7): Restart=on-failure brings a new daemon that relays again."""
+    """After SIGKILL, Restart=on-failure brings a new daemon that relays again."""
     before = service(box, "MainPID", "NRestarts")
     box.run(["systemctl", "kill", "--signal=KILL", "metaproxy"])
     deadline = time.monotonic() + 20  # RestartSec=2s, plus ExecStartPre's config test

@@ -1,4 +1,4 @@
-"""Connections the daemon cannot or must not relay fail fast, with a reset (issue 2, items 4-7).
+"""Connections the daemon cannot or must not relay fail fast, with a reset.
 
 "Reset" means the client's read fails with ECONNRESET: the daemon closed
 with SO_LINGER 0, so the application fails at once instead of hanging.

@@ -1,4 +1,4 @@
-"""Redirected connections are relayed through every kind of upstream (issue 2, items 1-3).
+"""Redirected connections are relayed through every kind of upstream, over IPv4 and IPv6.
 
 The shared daemon routes each destination port to one upstream (conftest.UPSTREAMS);
 curl and wget run unmodified in the client namespace, and only the REDIRECT

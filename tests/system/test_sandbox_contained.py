@@ -1,4 +1,4 @@
-"""What a compromised daemon can still do, in the lab (issue 12): Landlock, the socket
+"""What a compromised daemon can still do, in the lab: Landlock, the socket
 protocols and W^X, on this machine's kernel.
 
 1. A child in the client namespace runs the daemon's own start-up plan for the lab's

@@ -1,4 +1,5 @@
-"""The sandbox of the real daemon, seen from outside (issue 3, root phase).
+"""The sandbox of the real daemon, seen from outside: nobody, no
+privileges, not dumpable, and relaying under the kill filter.
 
 The daemon is started as root in the lab's client namespace with `seccomp =
 kill` written into its own config, whatever METAPROXY_TEST_SECCOMP says, and

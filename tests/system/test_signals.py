@@ -1,4 +1,4 @@
-"""SIGHUP, SIGTERM and SIGUSR1 on a real daemon in the lab (issue 3, "Signals").
+"""SIGHUP, SIGTERM and SIGUSR1 on a real daemon in the lab: reload, drain, counters.
 
 The daemon gets a NOTIFY_SOCKET that the test binds (an AF_UNIX datagram
 socket in the lab directory), so the tests also see what it tells systemd:

@@ -1,7 +1,7 @@
 """restrict_access() (Landlock), each in a forked child (root only), alone and with the
 whole sandbox: the drop to nobody, Landlock, then the seccomp filter in kill mode.
 
-Each test shows one hole of issue 12 closed: a TCP connect to a port that is not an
+Each test shows one hole closed: a TCP connect to a port that is not an
 upstream's, an abstract Unix socket, a file outside the allowed tree, an MPTCP socket,
 a W+X mapping. Where the kernel's ABI is too old for a right, the test skips and says
 which ABI it saw; the forced-ABI tests show how the ruleset degrades.

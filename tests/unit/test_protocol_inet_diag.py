@@ -91,7 +91,7 @@ def test_established_reply_names_its_uid_and_skips_the_attributes() -> None:
 
 
 def test_time_wait_reply_reports_uid_0_and_counts_as_unknown() -> None:
-    """The bug of issue 11 item 1: a client already gone shows uid 0; that is not root's socket."""
+    """A client already gone (TIME_WAIT) shows uid 0 and inode 0: that is not root's socket."""
     entry = parse_reply(TIME_WAIT_REPLY, 7)
     assert entry is not None and entry.state == TcpState.TIME_WAIT and entry.uid == 0 and entry.inode == 0
     assert established_owner(entry, LOCAL, REMOTE) is None
