@@ -40,7 +40,8 @@ def test_combined_with_an_unknown_owner_gets_fresh_credentials() -> None:
 
 
 def test_a_single_unit_keeps_the_credentials_it_had_before_units_combined() -> None:
-    """isolation = destination (no period) derives the same token as before issue 14."""
+    """isolation = destination (no period) derives the token it did when units could not be
+    combined, so an upgrade keeps existing circuits."""
     import hashlib
     import hmac
     token = hmac.new(b"k" * 32, b"dest|198.51.100.2|80", hashlib.sha256).hexdigest()[:32]
