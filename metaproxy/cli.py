@@ -110,7 +110,9 @@ def _check(config: Config) -> int:
 
     The loader checks what it can with file:line. The firewall rules are then
     planned in both modes, so that nothing ``--print-rules`` (and so
-    metaproxy-firewall.service) would refuse can pass ``-t``.
+    metaproxy-firewall.service) would refuse can pass ``-t``. Last, the system:
+    the groups exist, and the service user can open every unix: socket
+    (metaproxy.checks).
     """
     from metaproxy.firewall import plan_for, tor_virtual_summary
     try:
@@ -119,9 +121,17 @@ def _check(config: Config) -> int:
         for problem in e.problems:
             print(problem, file=sys.stderr)
         return EX_CONFIG
-    for warning in config.warnings():
+    from metaproxy.checks import check_system
+    found = check_system(config)
+    if found.errors:
+        for problem in found.errors:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    for warning in config.warnings() + found.warnings:
         print(warning, file=sys.stderr)
     code = _print_table(config)
+    for note in found.notes:
+        print(note)
     if config.firewall.lan_interfaces:  # what gateway mode will do, and what the rules need
         for line in config.gateway_summary() + [f"gateway: NOTE: {note}" for note in notes]:
             print(line)
@@ -133,7 +143,8 @@ def _check(config: Config) -> int:
 def _print_table(config: Config) -> int:
     print(f"{config.source}: configuration OK" + (" (legacy JSON format)" if config.legacy else ""))
     d = config.daemon
-    print(f"listen {', '.join(d.listen)} port {d.port}, mode {d.mode.value}, user {d.user}")
+    groups = f", groups {', '.join(d.groups)}" if d.groups else ""
+    print(f"listen {', '.join(d.listen)} port {d.port}, mode {d.mode.value}, user {d.user}{groups}")
     print("destination port -> upstream")
     for line in config.relay_table():
         print(line)

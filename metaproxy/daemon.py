@@ -29,6 +29,7 @@ from metaproxy.errors import ConfigError, PrivilegeError
 from metaproxy.privacy import show_destinations
 from metaproxy.relay.server import Server
 from metaproxy.service import Supervisor
+from metaproxy.upstream import unix_access
 
 log = logging.getLogger("metaproxy")
 
@@ -54,6 +55,9 @@ def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str,
                              f"to the user {d.user!r}; for development run it with --unprivileged")
 
     sandbox = _Sandbox.of(config, os.path.abspath(config.source))  # before the drop's chdir("/")
+    # Names of the sockets' owners and of the kept groups, for unreachable-socket messages:
+    # /etc/passwd and /etc/group are out of reach once the sandbox is set.
+    unix_access.learn_names(sandbox.sockets, d.groups)
     # Root phase: the only part that runs with privileges.
     listeners = privileged.bind_listeners(d.listen, d.port, transparent=d.mode is RedirectMode.TPROXY)
     if unprivileged:

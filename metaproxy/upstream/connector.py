@@ -28,6 +28,7 @@ from metaproxy.protocol.handshake import NEED_MORE, Done, Handshake, Refused, Se
 from metaproxy.protocol.http_connect import HttpConnect
 from metaproxy.protocol.socks4 import Socks4
 from metaproxy.protocol.socks5 import Socks5
+from metaproxy.upstream import unix_access
 
 OnDone = Callable[[socket.socket | None, bytes, UpstreamError | None], None]
 
@@ -123,11 +124,14 @@ class Dial:
 
     def _unreachable(self, err: int) -> None:
         u = self._upstream
-        if err in (errno.EACCES, errno.EPERM):
-            hint = ("a firewall rule refuses the daemon's connection to it" if isinstance(u.address, InetAddress)
-                    else "the service user may not connect to it; check the socket's owner, group and mode")
+        if not isinstance(u.address, InetAddress):  # unix: the socket's owner, group, mode and the remedy
+            hint = unix_access.explain(err, u.address.path)
+        elif err in (errno.EACCES, errno.EPERM):
+            hint = "a firewall rule refuses the daemon's connection to it"
+        elif err == errno.ECONNREFUSED:
+            hint = "nothing listens there: is the proxy running?"
         else:
-            hint = "is the proxy running?"
+            hint = "check the address and the route to it"
         self._fail(UpstreamError(f"upstream {u.name} ({u.address}) is unreachable: {os.strerror(err)}; {hint}"))
 
     # -- the handshake -----------------------------------------------------
