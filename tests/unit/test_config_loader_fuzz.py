@@ -1,4 +1,4 @@
-"""Generated configs fed to ``-t``: never a traceback (issue 7).
+"""Generated configs fed to ``-t`` (the loader behind metaproxy.cli): never a traceback.
 
 Hypothesis writes configobj text and legacy JSON, valid and broken, plus
 random bytes and syntax soup, to a file and runs the real command line
@@ -106,7 +106,7 @@ def upstream_body(draw: st.DrawFn) -> list[str]:
     lines = [f"type = {kind}", f"address = {address}"]
     if draw(st.booleans()):
         lines.append(f"username = {draw(ASCII_WORD)}")
-        # socks5 and http need both or neither (issue 10); socks4 has a user id only.
+        # socks5 and http need both or neither; socks4 has a user id only.
         if kind in ("socks5", "http"):
             lines.append(f"password = {draw(ASCII_WORD)}")
     if draw(st.booleans()):
