@@ -27,12 +27,17 @@ from tests.system.lab import GATEWAY4, PYTHON, WEB4, Lab, clean_env  # noqa: E40
 from tests.system.peers import start_nginx  # noqa: E402
 from tests.system.tor_network import StreamWatch, TorNetwork  # noqa: E402
 
-MODES = ("connection", "destination", "user", "none")
+MODES = ("connection", "destination", "user", "user, destination", "none")
 DESTINATIONS = 5
 PER_USER = 50
 CONCURRENCY = 10
 PORT = 8675
 USERS = {"root": [], "nobody": ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"]}
+
+
+def name(mode: str) -> str:
+    """The upstream's name: tor_user_destination for "user, destination"."""
+    return "tor_" + mode.replace(", ", "_")
 
 
 def ports(mode: str) -> list[int]:
@@ -63,9 +68,9 @@ asyncio.run(main())
 def config(port: int) -> str:
     text = daemon_section(port) + "[upstreams]\n"
     for mode in MODES:
-        text += (f"    [[tor_{mode}]]\n    type = socks5\n    address = {GATEWAY4}:9050\n"
+        text += (f"    [[{name(mode)}]]\n    type = socks5\n    address = {GATEWAY4}:9050\n"
                  f"    isolation = {mode}\n    connect_timeout = 60\n")
-    text += "[routes]\n" + "".join(f"{p} = tor_{mode}\n" for mode in MODES for p in ports(mode))
+    text += "[routes]\n" + "".join(f"{p} = {name(mode)}\n" for mode in MODES for p in ports(mode))
     return text
 
 
@@ -74,7 +79,7 @@ def measure(lab: Lab, watch: StreamWatch, mode: str) -> tuple[int, int, int, int
     circuits built, seconds)."""
     mark = watch.mark()
     started = time.monotonic()
-    procs = [lab.client.spawn(f"load-{mode}-{user}", [*prefix, PYTHON, "-c", LOAD, WEB4, str(PER_USER),
+    procs = [lab.client.spawn(f"load-{name(mode)}-{user}", [*prefix, PYTHON, "-c", LOAD, WEB4, str(PER_USER),
                                                       str(CONCURRENCY), *map(str, ports(mode))],
                               env=clean_env(), stdout=-1)
              for user, prefix in USERS.items()]
@@ -109,10 +114,10 @@ def main() -> int:
             network.stop()
     print(f"\n{2 * PER_USER} connections to {DESTINATIONS} destinations from 2 users "
           f"({CONCURRENCY} at a time per user), private Tor network:\n")
-    print(f"{'isolation':<12} {'ok':>4} {'usernames':>10} {'circuits used':>14} {'circuits built':>15} "
+    print(f"{'isolation':<18} {'ok':>4} {'usernames':>10} {'circuits used':>14} {'circuits built':>15} "
           f"{'seconds':>8}")
     for mode, ok, users, used, built, seconds in rows:
-        print(f"{mode:<12} {ok:>4} {users:>10} {used:>14} {built:>15} {seconds:>8.2f}")
+        print(f"{mode:<18} {ok:>4} {users:>10} {used:>14} {built:>15} {seconds:>8.2f}")
     print("\n(usernames: distinct SOCKS usernames Tor saw, none counting as one; circuits built:\n"
           " CIRC BUILT events during the run, pre-built circuits not included)")
     return 0 if all(row[1] == 2 * PER_USER for row in rows) else 1

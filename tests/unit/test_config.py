@@ -30,7 +30,8 @@ def test_shipped_default_sends_every_port_to_tor_socksport() -> None:
     tor = config.upstream_for(443)
     assert tor is not None and tor.type is UpstreamType.SOCKS5
     assert str(tor.address) == "127.0.0.1:9050"
-    assert tor.isolation is Isolation.CONNECTION
+    assert tor.isolation.units == {Isolation.USER, Isolation.DESTINATION} and tor.isolation.period == 600
+    assert tor.connect_timeout == 120
     assert config.daemon.listen == ("127.0.0.1", "::1") and config.daemon.port == 8675
     assert config.daemon.mode is RedirectMode.REDIRECT
 
