@@ -44,6 +44,9 @@ ONION_WEB_PORT = 8001
 # and the exit's policy accepts EXIT_ACCEPT only.
 ISO_PORTS = {"connection": 8021, "destination": 8022, "user": 8023, "none": 8024}
 DESTINATION_OTHER = 8025
+# Two sites routed to an upstream with neither isolation nor connect_timeout set: the
+# shipped defaults (user, destination every 600 s; socks5's 120 s).
+DEFAULTS_PORTS = (8026, 8007)
 UNIX_PORT = 8003
 EXIT_ACCEPT = "8000-8999"
 CLOSED_PORT = 8999          # accepted by the exit, nothing listens there
@@ -59,9 +62,11 @@ def _config(port: int, socks: str, unix_socket: Path) -> str:
     upstreams = "".join(
         f"    [[tor_{mode}]]\n    type = socks5\n    address = {socks}\n"
         f"    isolation = {mode}\n    connect_timeout = 60\n" for mode in ISO_PORTS)
+    upstreams += f"    [[tor_defaults]]\n    type = socks5\n    address = {socks}\n"
     upstreams += (f"    [[tor_unix]]\n    type = socks5\n    address = unix:{unix_socket}\n"
                   "    isolation = connection\n    connect_timeout = 60\n")
     routes = "".join(f"{p} = tor_{mode}\n" for mode, p in ISO_PORTS.items())
+    routes += "".join(f"{p} = tor_defaults\n" for p in DEFAULTS_PORTS)
     routes += f"{DESTINATION_OTHER} = tor_destination\n{UNIX_PORT} = tor_unix\n* = tor_connection\n"
     return daemon_section(port) + "[upstreams]\n" + upstreams + "[routes]\n" + routes
 
@@ -255,6 +260,29 @@ def test_isolation_user_separates_two_local_uids(tor: Tor) -> None:
         f"one uid, two circuits: {[e.circuit for e in events]}"
     assert root[0].circuit != nobody[0].circuit and root[0].username != nobody[0].username, \
         f"uid 0 and nobody share a circuit or username: {events}"
+
+
+def test_isolation_default_user_and_destination_gives_each_user_and_site_a_circuit(tor: Tor) -> None:
+    """The default, isolation = user, destination: root and nobody each fetch from two
+    sites; the four (uid, site) pairs use four circuits with four usernames, and a pair
+    that comes back uses its circuit again. No circuit per connection, no sharing across
+    users or sites."""
+    a, b = DEFAULTS_PORTS
+    order = [(False, a), (False, b), (True, a), (True, b), (False, a), (True, b)]
+    mark = tor.watch.mark()
+    for nobody, port in order:
+        got = _curl(tor, WEB4, port, as_nobody=nobody)
+        assert got.ok, f"{got.stderr}\n{tor.daemon.log()[-2000:]}"
+    events = [e for e in tor.watch.succeeded(mark, len(order)) if e.target.endswith((f":{a}", f":{b}"))]
+    assert len(events) >= len(order), f"Tor reported {events}"
+    events = events[:len(order)]
+    for event, (_, port) in zip(events, order):
+        assert event.target.endswith(f":{port}"), (events, order)
+    _record("user, destination", events, "(2 uids x 2 sites, the default)")
+    circuits, users = [e.circuit for e in events], [e.username for e in events]
+    assert len(set(circuits[:4])) == 4 and len(set(users[:4])) == 4, f"circuits {circuits}, usernames {users}"
+    assert circuits[4] == circuits[0] and circuits[5] == circuits[3], f"a pair changed circuit: {circuits}"
+    assert users[4] == users[0] and users[5] == users[3], f"a pair changed username: {users}"
 
 
 def test_isolation_none_shares_one_circuit(tor: Tor) -> None:
