@@ -1,8 +1,10 @@
 """`make demo-tor`: `make demo`, but the upstream is a real Tor, in a private Tor network.
 
-    client (192.0.2.1)  curl and wget, knowing nothing of proxies or Tor; iptables REDIRECT
-                        of the web network AND of Tor's virtual addresses (10.192.0.0/10);
-                        resolv.conf pointing at Tor's DNSPort; the daemon (root -> nobody)
+    client (192.0.2.1)  curl and wget, knowing nothing of proxies or Tor; the daemon's own
+                        ruleset (--print-rules iptables/ip6tables --strict), which diverts
+                        Tor's virtual addresses (10.192.0.0/10) before the local networks
+                        and sends DNS to Tor's DNSPort; a resolv.conf naming a resolver
+                        nobody runs; the daemon (root -> nobody)
     gateway (192.0.2.2) a private Tor network: 3 authorities, a relay, an exit, an onion
                         service, and the Tor client the daemon uses (SocksPort 9050
                         ExtendedErrors, DNSPort 53, AutomapHostsOnResolve 1)
@@ -21,10 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.system.daemon import daemon_section, start_daemon  # noqa: E402
+from tests.system.daemon import daemon_section, print_rules, start_daemon  # noqa: E402
 from tests.system.lab import GATEWAY4, WEB4, Lab, LabError  # noqa: E402
 from tests.system.peers import start_nginx  # noqa: E402
-from tests.system.tor_network import VIRTUAL_NET4, StreamWatch, TorNetwork  # noqa: E402
+from tests.system.tor_network import (DNS_PORT, NOBODYS_RESOLVER, VIRTUAL_NET4, StreamWatch,  # noqa: E402
+                                      TorNetwork)
 
 PORT = 8675
 
@@ -79,23 +82,29 @@ def main() -> int:
                     connect_timeout = 120
                 [routes]
                 * = tor
+                [firewall]
+                dns = {GATEWAY4}:{DNS_PORT}
+                # tor_virtual_networks = 10.192.0.0/10, fe80::/10 (the default, Tor's own)
                 """)
-            start_daemon(lab, "metaproxy", config, port=PORT)
+            daemon = start_daemon(lab, "metaproxy", config, port=PORT, redirect=False)
             say("the daemon's config", config)
-            # --print-rules does not divert Tor's virtual range yet (issue 14): do it by hand.
-            lab.client.run(["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", VIRTUAL_NET4,
-                            "-j", "REDIRECT", "--to-ports", str(PORT)])
+            # The product's own rules, strict: nothing leaves the client but through the daemon.
+            for backend in ("iptables", "ip6tables"):
+                lab.client.run([f"{backend}-restore", "--noflush"], input=print_rules(daemon.config, backend))
+            # The lab has no default route; a real host's would cover Tor's virtual range.
             lab.client.run(["ip", "route", "add", VIRTUAL_NET4, "via", GATEWAY4])
             netns_etc = Path("/etc/netns") / lab.client.name
             netns_etc.mkdir(parents=True, exist_ok=True)
-            (netns_etc / "resolv.conf").write_text(f"nameserver {GATEWAY4}\n")
-            say("the client namespace: REDIRECT rules (iptables -t nat -S OUTPUT) and resolv.conf",
-                lab.client.run(["iptables", "-t", "nat", "-S", "OUTPUT"]).stdout.decode()
+            (netns_etc / "resolv.conf").write_text(f"nameserver {NOBODYS_RESOLVER}\n")
+            say("the client namespace: the daemon's rules (subgraph_metaproxy --print-rules iptables --strict "
+                "| iptables-restore --noflush; iptables -t nat -S METAPROXY) and a resolv.conf naming "
+                "nobody's resolver",
+                lab.client.run(["iptables", "-t", "nat", "-S", "METAPROXY"]).stdout.decode()
                 + (netns_etc / "resolv.conf").read_text())
             watch = StreamWatch(network)
 
-            say(f"getent hosts {network.onion}: the name resolves through Tor's DNSPort "
-                "to a virtual address")
+            say(f"getent hosts {network.onion}: the rules send the query to Tor's DNSPort, which "
+                "answers with a virtual address")
             resolved = lab.client.run(["getent", "ahostsv4", network.onion], check=False)
             show(resolved)
             virtual = resolved.stdout.decode().split()[0] if resolved.stdout else ""

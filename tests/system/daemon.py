@@ -49,6 +49,13 @@ def metaproxy_argv(args: Sequence[str]) -> list[str]:
     return [*PROGRAM, *args]
 
 
+def print_rules(config: Path, backend: str, *, strict: bool = True, unload: bool = False) -> bytes:
+    """The daemon's own ``--print-rules BACKEND [--strict] [--unload]`` output for a config file."""
+    args = ["-c", str(config), "--print-rules", backend] + (["--strict"] if strict else []) + \
+        (["--unload"] if unload else [])
+    return run(metaproxy_argv(args), cwd=REPO, env=clean_env(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")).stdout
+
+
 def check_config(path: Path, *extra: str, timeout: float = 20) -> tuple[int, str, str]:
     """Run ``-t`` on a file (outside the lab: it needs no network). Returns (code, stdout, stderr)."""
     proc = run(metaproxy_argv(["-t", "-c", str(path), *extra]), check=False, timeout=timeout,

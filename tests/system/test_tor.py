@@ -7,10 +7,14 @@ its upstream, over TCP and over a Unix socket laid out as Debian's
 /run/tor/socks. What Tor itself reports on its control port (STREAM events:
 the circuit each stream used and the SOCKS username Tor saw) is the witness.
 
-Tor's virtual addresses (VirtualAddrNetworkIPv4) are redirected here by rules
-this module adds itself, because --print-rules does not divert them yet: with
-them, a program that knows nothing of Tor resolves a .onion through Tor's
-DNSPort (the namespace's resolv.conf) and connects.
+The .onion tests take the product path: the daemon's own ruleset
+(``--print-rules iptables|ip6tables --strict``, with ``[firewall] dns`` naming
+Tor's DNSPort and the default ``tor_virtual_networks``) is loaded into the
+client namespace with iptables-restore --noflush for the test and removed
+after it, leaving the tables as they were. The namespace's resolv.conf names
+a resolver nobody runs: only the rules' DNS redirection reaches Tor's
+DNSPort, which maps the onion to a virtual address, and only the rules'
+diversion of Tor's virtual range brings the connection to the daemon.
 
 The whole module is bounded: the network must be up in BOOTSTRAP_TIMEOUT,
 every fetch has a timeout, and the module's wall time is printed at the end.
@@ -31,11 +35,11 @@ import pytest
 
 from tests.system import clients
 from tests.system.conftest import ALLOW_SKIP
-from tests.system.daemon import Daemon, daemon_section, next_port, start_daemon
+from tests.system.daemon import Daemon, daemon_section, next_port, print_rules, start_daemon
 from tests.system.lab import GATEWAY4, WEB4, Lab, clean_env
 from tests.system.peers import INDEX, World
-from tests.system.tor_network import (MISSING_ONION, VIRTUAL_NET4, StreamEvent, StreamWatch, TorNetwork,
-                                      tor_available)
+from tests.system.tor_network import (DNS_PORT, MISSING_ONION, NOBODYS_RESOLVER, VIRTUAL_NET4, StreamEvent,
+                                      StreamWatch, TorNetwork, tor_available)
 
 BOOTSTRAP_TIMEOUT = 120
 MODULE_BUDGET = 180  # seconds for the whole module, bootstrap included
@@ -68,7 +72,9 @@ def _config(port: int, socks: str, unix_socket: Path) -> str:
     routes = "".join(f"{p} = tor_{mode}\n" for mode, p in ISO_PORTS.items())
     routes += "".join(f"{p} = tor_defaults\n" for p in DEFAULTS_PORTS)
     routes += f"{DESTINATION_OTHER} = tor_destination\n{UNIX_PORT} = tor_unix\n* = tor_connection\n"
-    return daemon_section(port) + "[upstreams]\n" + upstreams + "[routes]\n" + routes
+    # For --print-rules: DNS to Tor's DNSPort; tor_virtual_networks keeps its default (Tor's).
+    firewall = f"[firewall]\ndns = {GATEWAY4}:{DNS_PORT}\n"
+    return daemon_section(port) + "[upstreams]\n" + upstreams + "[routes]\n" + routes + firewall
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
@@ -94,14 +100,45 @@ class Tor:
         self.watch = StreamWatch(self.network)
 
 
-def _virtual_rules(lab: Lab, port: int, add: bool) -> None:
-    """REDIRECT of Tor's virtual range to the daemon (which --print-rules does not do yet)."""
-    rule = ["-t", "nat", "{}", "OUTPUT", "-p", "tcp", "-d", VIRTUAL_NET4, "-j", "REDIRECT", "--to-ports", str(port)]
-    check = lab.client.run(["iptables", "-w", "5", *[a.replace("{}", "-C") for a in rule]], check=False)
-    if add and check.returncode != 0:
-        lab.client.run(["iptables", "-w", "5", *[a.replace("{}", "-A") for a in rule]])
-    elif not add and check.returncode == 0:
-        lab.client.run(["iptables", "-w", "5", *[a.replace("{}", "-D") for a in rule]])
+def _tables(lab: Lab) -> str:
+    """iptables-save and ip6tables-save of the client, without comments and counters, and
+    without tables that hold nothing (loading creates an empty filter table that was not there)."""
+    saved = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        text = lab.client.run([tool]).stdout.decode()
+        for table in re.split(r"^(?=\*)", text, flags=re.M):
+            lines = [re.sub(r" \[\d+:\d+\]$", "", line) for line in table.splitlines()
+                     if line and not line.startswith("#")]
+            if any(not (line.startswith((":", "*")) and line.endswith(" ACCEPT") or line.startswith("*")
+                        or line == "COMMIT") for line in lines):
+                saved += [f"{tool} {line}" for line in lines]
+    return "\n".join(saved)
+
+
+@pytest.fixture
+def product_rules(tor: Tor) -> Iterator[str]:
+    """The daemon's strict ruleset, loaded with iptables-restore --noflush for one test.
+
+    Yields the IPv4 ruleset's text. Removed afterwards with its own --unload
+    output, and the tables must then be as before, byte for byte (counters
+    aside: traffic moves them).
+    """
+    lab, config = tor.world.lab, tor.daemon.config
+    before = _tables(lab)
+    loaded: list[str] = []
+    texts = {}
+    try:
+        for backend in ("iptables", "ip6tables"):
+            texts[backend] = print_rules(config, backend)
+            lab.client.run([f"{backend}-restore", "--noflush"], input=texts[backend])
+            loaded.append(backend)
+        yield texts["iptables"].decode()
+    finally:
+        for backend in reversed(loaded):
+            lab.client.run([f"{backend}-restore", "--noflush"], input=print_rules(config, backend, unload=True),
+                           check=False)
+    after = _tables(lab)
+    assert after == before, f"--unload left the client's tables changed:\nbefore:\n{before}\nafter:\n{after}"
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +157,12 @@ def tor_world(world: World) -> Iterator[Tor]:
         port = next_port()
         daemon = start_daemon(lab, f"metaproxy-tor-{port}", _config(port, f"{GATEWAY4}:9050", network.unix_socket),
                               port=port, redirect=False)
-        # Tor's virtual addresses: a route (so connect() does not fail with ENETUNREACH
-        # before the nat hook), and the namespace's resolver is Tor's DNSPort.
+        # Tor's virtual addresses need a route, as on a host with a default route (the lab
+        # has none), or connect() fails with ENETUNREACH before the nat hook. The resolver
+        # is nobody's: the strict rules send DNS to Tor's DNSPort ([firewall] dns).
         lab.client.run(["ip", "route", "replace", VIRTUAL_NET4, "via", GATEWAY4])
         netns_etc.mkdir(parents=True, exist_ok=True)
-        (netns_etc / "resolv.conf").write_text(f"nameserver {GATEWAY4}\n")
+        (netns_etc / "resolv.conf").write_text(f"nameserver {NOBODYS_RESOLVER}\n")
         tor = Tor(world, network, daemon, began)
         yield tor
     finally:
@@ -132,7 +170,6 @@ def tor_world(world: World) -> Iterator[Tor]:
             tor.watch.close()
         if daemon is not None:
             daemon.stop()
-            _virtual_rules(lab, daemon.port, add=False)
         lab.client.run(["ip", "route", "del", VIRTUAL_NET4], check=False)
         if netns_etc.exists():
             (netns_etc / "resolv.conf").unlink(missing_ok=True)
@@ -147,14 +184,13 @@ def tor_world(world: World) -> Iterator[Tor]:
 
 @pytest.fixture
 def tor(tor_world: Tor) -> Tor:
-    """tor_world with the REDIRECT rules pointing at its daemon (other modules move them)."""
+    """tor_world with the lab's REDIRECT rules pointing at its daemon (other modules move them)."""
     if not tor_world.daemon.alive():
         pytest.fail(f"the Tor tier's daemon died:\n{tor_world.daemon.log()[-4000:]}", pytrace=False)
     spent = time.monotonic() - tor_world.began
     if spent > MODULE_BUDGET:
         pytest.fail(f"the Tor tier has used {spent:.0f}s, over its budget of {MODULE_BUDGET}s", pytrace=False)
     tor_world.world.lab.redirect_to(tor_world.daemon.port)
-    _virtual_rules(tor_world.world.lab, tor_world.daemon.port, add=True)
     return tor_world
 
 
@@ -299,17 +335,26 @@ def test_isolation_none_shares_one_circuit(tor: Tor) -> None:
 
 # ---- .onion for a program that knows nothing of Tor ----------------------------------------------
 
-def test_onion_by_name_through_dnsport_and_virtual_address(tor: Tor) -> None:
-    """wget http://<onion>/ with no proxy settings: the name resolves through Tor's DNSPort
-    to a virtual address, the REDIRECT sends it to the daemon, Tor maps it back.
+def test_onion_by_name_through_dnsport_and_the_daemons_own_rules(tor: Tor, product_rules: str) -> None:
+    """wget http://<onion>/ with no proxy settings, under the daemon's own --print-rules --strict:
+    the rules send the DNS query (to a resolver nobody runs) to Tor's DNSPort, which answers
+    with a virtual address in 10.192.0.0/10; the rules divert TCP to it to the daemon before
+    10.0.0.0/8 is exempted; Tor maps it back to the onion service.
     (curl refuses to resolve .onion names itself, RFC 7686; wget asks the resolver.)"""
+    assert f"-d {VIRTUAL_NET4} -p tcp -j REDIRECT --to-ports {tor.daemon.port}" in product_rules
+    assert f"-p udp -m udp --dport 53 -j DNAT --to-destination {GATEWAY4}:{DNS_PORT}" in product_rules
+    resolved = tor.world.lab.client.run(["getent", "ahostsv4", tor.network.onion], check=False, timeout=20)
+    virtual = VIRTUAL_ADDRESS.search(resolved.stdout.decode())
+    assert virtual, f"{tor.network.onion} did not resolve to Tor's virtual range: {resolved.stdout!r}"
     mark, log_mark = tor.watch.mark(), tor.daemon.mark()
     got = clients.wget(tor.world.client, f"http://{tor.network.onion}/", timeout=60)
     assert got.ok, f"wget of the onion failed: {got.stderr}\n{tor.daemon.log_since(log_mark)}"
     assert got.body.decode() == INDEX
     events = [e for e in tor.watch.succeeded(mark, 1, timeout=10) if e.target.startswith(tor.network.onion)]
     assert events, f"Tor reported no stream to {tor.network.onion}: {tor.watch.streams[mark[0]:]}"
-    _assert_private(tor, log_mark, tor.network.onion)
+    print(f"\n[tor] {tor.network.onion} -> {virtual.group()} (Tor's DNSPort), fetched through the daemon's "
+          f"own rules; Tor's stream {events[0].stream} on circuit {events[0].circuit}")
+    _assert_private(tor, log_mark, tor.network.onion, virtual.group())
 
 
 # ---- refusals, named ------------------------------------------------------------------------------
@@ -340,9 +385,10 @@ def test_exit_refusal_is_named_in_the_log(tor: Tor, case: str) -> None:
     assert failed, f"Tor reported no failed stream to port {port}"
 
 
-def test_missing_onion_is_refused_with_its_extended_error(tor: Tor) -> None:
-    """A well-formed onion address nobody serves: Tor answers 0xF0 (ExtendedErrors), the
-    daemon says "onion service descriptor not found", and names neither onion nor address."""
+def test_missing_onion_is_refused_with_its_extended_error(tor: Tor, product_rules: str) -> None:
+    """A well-formed onion address nobody serves, through the daemon's own rules: Tor answers
+    0xF0 (ExtendedErrors), the daemon says "onion service descriptor not found", and names
+    neither the onion nor its virtual address."""
     log_mark = tor.daemon.mark()
     got = clients.wget(tor.world.client, f"http://{MISSING_ONION}/", timeout=60)
     _refused(tor, got, log_mark, "onion service descriptor not found (Tor) (0xf0)", (MISSING_ONION,))

@@ -49,6 +49,9 @@ TOR_GENCERT = "/usr/bin/tor-gencert"
 SOCKS_PORT = 9050
 DNS_PORT = 53
 VIRTUAL_NET4 = "10.192.0.0/10"
+# For the client's resolv.conf: nothing answers there; the daemon's strict rules
+# ([firewall] dns) send the queries on to the client tor's DNSPort.
+NOBODYS_RESOLVER = "192.0.2.53"
 ONION_PORT = 80
 AUTHORITIES = 3
 RELAYS = 1
