@@ -89,3 +89,15 @@ def test_a_group_that_does_not_exist_is_named_with_file_line(tmp_path: Path) -> 
     found = check_system(config)  # type: ignore[arg-type]
     assert found.errors == [f"{source}:3: [daemon] groups: expected existing groups, found no group "
                             "'no-such-metaproxy-group' (install what creates it, e.g. tor for debian-tor)"]
+
+
+def test_a_missing_service_user_leaves_the_sockets_unchecked_with_a_warning(tmp_path: Path) -> None:
+    """-t on a machine without the package's user (a developer's) still passes the file."""
+    require_root()
+    path = tmp_path / "m.conf"
+    path.write_text("[daemon]\nuser = no-such-metaproxy-user\n[upstreams]\n    [[tor]]\n    type = socks5\n"
+                    f"    address = unix:{tmp_path}/socks\n[routes]\n* = tor\n")
+    found = check_system(load(str(path)))
+    assert not found.errors and len(found.warnings) == 1, found
+    assert found.warnings[0].startswith(f"{path}:2: warning: the unix: sockets were not checked"), found
+    assert "no-such-metaproxy-user" in found.warnings[0], found
