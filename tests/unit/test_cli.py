@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,6 +11,7 @@ from typing import Any
 import pytest
 
 from metaproxy import cli, daemon
+from metaproxy.errors import EX_USAGE
 
 CONFIG = "[upstreams]\n    [[tor]]\n    type = socks5\n    address = 127.0.0.1:9050\n[routes]\n* = tor\n"
 
@@ -39,3 +42,32 @@ def test_cli_exits_70_on_an_unexpected_error_and_keeps_its_text_out(tmp_path: Pa
     assert cli.main(["-c", str(conf)]) == 70
     err = capsys.readouterr().err
     assert "internal error: KeyError at " in err and "198.51.100.2" not in err
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``cli.main`` in-process: exit code, stdout, stderr (SystemExit included)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "0"], "argument -p/--port: expected a port from 1 to 65535, found '0'"),
+    (["-p", "65536"], "argument -p/--port: expected a port from 1 to 65535, found '65536'"),
+    (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["--strict"], "--strict and --unload only apply to --print-rules"),
+    (["--print-rules", "pf"], "argument --print-rules: invalid choice: 'pf'"),
+])
+def test_every_usage_error_exits_64_with_argparses_message(argv: list[str], message: str) -> None:
+    code, out, err = run_cli(*argv)
+    assert code == EX_USAGE, err
+    assert err.startswith("usage: subgraph_metaproxy") and f"subgraph_metaproxy: error: {message}" in err, err
+
+
+def test_help_and_version_still_exit_0() -> None:
+    assert run_cli("--version")[0] == 0 and run_cli("--help")[0] == 0
+

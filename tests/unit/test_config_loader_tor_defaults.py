@@ -1,5 +1,6 @@
-"""Defaults that suit Tor (issue 14): connect_timeout by upstream type, isolation combined,
-and [daemon] groups, as the loader reads them."""
+"""Defaults that suit Tor, as the loader reads them: connect_timeout 120 s for socks5 and 10 s
+for the other types unless [daemon] or the upstream sets it; isolation per user and destination,
+rotating every 600 s, its units combined with commas; and [daemon] groups, deduplicated."""
 
 from __future__ import annotations
 

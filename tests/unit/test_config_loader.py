@@ -1,16 +1,31 @@
-"""The configobj loader: typed values, one clear line per problem, never a traceback."""
+"""The loader (metaproxy.config.loader): the file read safely, typed values, one clear line
+per problem (file, line, section, key, what was expected, what was found), never a traceback.
+
+Its other tests: test_config_loader_fuzz.py (generated configs through -t) and
+test_config_loader_tor_defaults.py (the defaults that suit Tor).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import pathlib
+import subprocess
 
 import pytest
 
+from metaproxy import cli
 from metaproxy.config import load
 from metaproxy.config.model import Isolation, RedirectMode, UnixAddress, UpstreamType
-from metaproxy.errors import ConfigError
+from metaproxy.errors import EX_CONFIG, ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+PYTHON = "/usr/bin/python3"
+ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1",
+       "LANG": "C.UTF-8"}
+UPSTREAM = "[upstreams]\n    [[tor]]\n    type = socks5\n    address = 127.0.0.1:9050\n"
+ROUTES = "[routes]\n* = tor\n"
 
 
 def write(tmp_path: pathlib.Path, text: str, name: str = "m.conf") -> str:
@@ -23,6 +38,17 @@ def problems(path: str) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         load(path)
     return caught.value.problems
+
+
+def run_cli(*argv: str) -> tuple[int, str, str]:
+    """``cli.main`` in-process: exit code, stdout, stderr (SystemExit included)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
 
 
 def test_shipped_default_sends_every_port_to_tor_socksport() -> None:
@@ -86,19 +112,6 @@ colour = blue
     assert any(line.startswith(f"{path}:4: [daemon] colour:") and "unknown key" in line for line in found)
 
 
-@pytest.mark.parametrize("address, reason", [
-    ("tor.example:9050", "host names are not accepted"),
-    ("127.0.0.1:70000", "out of range"),
-    ("127.0.0.1", "port is missing"),
-    ("2001:db8::1:9050", "brackets"),
-    ("unix:relative/path", "absolute path"),
-])
-def test_bad_upstream_addresses_are_named(tmp_path: pathlib.Path, address: str, reason: str) -> None:
-    path = write(tmp_path, f"[upstreams]\n  [[t]]\n  type = socks5\n  address = {address}\n[routes]\n* = t\n")
-    (line,) = problems(path)
-    assert line.startswith(f"{path}:4: [upstreams][[t]] address:") and reason in line
-
-
 def test_unix_socket_only_for_socks5(tmp_path: pathlib.Path) -> None:
     path = write(tmp_path, "[upstreams]\n  [[h]]\n  type = http\n  address = unix:/run/x\n[routes]\n* = h\n")
     (line,) = problems(path)
@@ -130,12 +143,6 @@ def test_overlapping_ranges_are_refused(tmp_path: pathlib.Path) -> None:
     assert "overlaps" in line
 
 
-def test_syntax_error_names_the_line(tmp_path: pathlib.Path) -> None:
-    path = write(tmp_path, "[daemon]\nport = 1\n[upstreams\n")
-    found = problems(path)
-    assert found and found[0].startswith(f"{path}:3:")
-
-
 def test_unreadable_and_binary_files_are_clear_errors(tmp_path: pathlib.Path) -> None:
     assert "cannot read" in problems(str(tmp_path / "missing.conf"))[0]
     binary = tmp_path / "b.conf"
@@ -157,3 +164,64 @@ def test_firewall_exempt_users_reach_the_rules(tmp_path: pathlib.Path) -> None:
     rules = render(config, "iptables", strict=True)
     assert "--uid-owner debian-tor" in rules and "exempt_users (e.g. debian-tor)" not in rules
     assert load(str(ROOT / "etc/subgraph_metaproxy.conf")).firewall.exempt_users == ()
+
+
+# ---- the file itself: a regular file, opened without blocking --------------------------
+
+def test_a_fifo_is_refused_at_once_and_never_opened_for_a_blocking_read(tmp_path: pathlib.Path) -> None:
+    """Nobody writes to the FIFO: open() without O_NONBLOCK would wait forever."""
+    fifo = tmp_path / "c.conf"
+    os.mkfifo(fifo)
+    try:
+        proc = subprocess.run([PYTHON, "-m", "metaproxy", "-t", "-c", str(fifo)], capture_output=True, text=True,
+                              timeout=20, cwd=ROOT, env=ENV)
+    except subprocess.TimeoutExpired:
+        pytest.fail("-t blocked on a FIFO", pytrace=False)
+    assert proc.returncode == EX_CONFIG
+    assert proc.stderr == f"{fifo}: expected the config as a regular file, found a FIFO\n"
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda p: p.mkdir(), "a directory"),
+    (lambda p: p.symlink_to("/dev/null"), "a character device"),
+], ids=["directory", "device"])
+def test_a_directory_or_a_device_is_refused_with_one_line(tmp_path: pathlib.Path, make: object, kind: str) -> None:
+    path = tmp_path / "c.conf"
+    make(path)  # type: ignore[operator]
+    code, out, err = run_cli("-t", "-c", str(path))
+    assert (code, out) == (EX_CONFIG, "")
+    assert err == f"{path}: expected the config as a regular file, found {kind}\n"
+
+
+
+# ---- credentials: a username needs a password for socks5 and http ---------------------
+
+@pytest.mark.parametrize("kind", ["socks5", "http"])
+def test_a_username_without_a_password_is_an_error_with_its_line(tmp_path: pathlib.Path, kind: str) -> None:
+    """It used to turn authentication (and, for socks5, isolation) off silently."""
+    path = write(tmp_path, f"[upstreams]\n    [[up]]\n    type = {kind}\n    address = 127.0.0.1:1080\n"
+                           "    username = alice\n[routes]\n* = up\n")
+    code, out, err = run_cli("-t", "-c", str(path))
+    assert (code, out) == (EX_CONFIG, "")
+    assert err.startswith(f"{path}:5: [upstreams][[up]] username: expected a password with it"), err
+
+
+@pytest.mark.parametrize("body", ["type = socks4\n    username = alice\n",
+                                  "type = socks5\n    username = alice\n    password = pw\n",
+                                  "type = http\n    username = alice\n    password = pw\n"])
+def test_a_socks4_user_id_alone_or_both_credentials_pass(tmp_path: pathlib.Path, body: str) -> None:
+    path = write(tmp_path, f"[upstreams]\n    [[up]]\n    {body}    address = 127.0.0.1:1080\n[routes]\n* = up\n")
+    assert load(str(path)).upstreams["up"].username == "alice"
+
+
+
+# ---- [daemon] log_connections -----------------------------------------------------------
+
+def test_log_connections_is_off_by_default_and_read_from_daemon(tmp_path: pathlib.Path) -> None:
+    assert load(str(write(tmp_path, UPSTREAM + ROUTES))).daemon.log_connections is False
+    assert load(str(ROOT / "etc/subgraph_metaproxy.conf")).daemon.log_connections is False
+    on = write(tmp_path, "[daemon]\nlog_connections = yes\n" + UPSTREAM + ROUTES, "on.conf")
+    assert load(str(on)).daemon.log_connections is True
+    bad = write(tmp_path, "[daemon]\nlog_connections = sometimes\n" + UPSTREAM + ROUTES, "bad.conf")
+    (problem,) = problems(bad)
+    assert problem.startswith(f"{bad}:2: [daemon] log_connections: expected yes or no"), problem
