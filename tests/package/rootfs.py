@@ -46,6 +46,7 @@ BOOT = [
     "man-db",                               # systemd-analyze verify checks Documentation=man:
     "iproute2", "iptables", "nftables",     # addresses on lo; the REDIRECT rules
     "curl", "microsocks",                   # the client, and the SOCKS5 upstream
+    "tor",                                  # Debian's tor, its /run/tor/socks reached by the service
 ]
 # The unit tier and mypy under trixie's python3 (tests/system/test_trixie_unit_tier.py):
 # the Build-Depends <!nocheck> of debian/control, and mypy. Only the trixie root
@@ -139,6 +140,15 @@ def _debootstrap(suite: str, target: Path, mirror: str, log: Path) -> None:
                            f"its log {log} ends:\n{tail}")
 
 
+def _disable_tor(root: Path) -> None:
+    """tor's postinst enabled it: a test starts it when it wants it, so that the
+    other steps (and the boot) stay as they were without it."""
+    result = subprocess.run(["systemctl", f"--root={root}", "disable", "tor.service", "tor@default.service"],
+                            capture_output=True, text=True, timeout=60, env={"PATH": SYSPATH})
+    if result.returncode != 0:
+        raise RuntimeError(f"systemctl --root={root} disable tor failed:\n{result.stdout}{result.stderr}")
+
+
 def ensure_cache(suite: str = SUITE) -> Path:
     """Return the suite's cached root, debootstrapping it first if missing or stale."""
     cache = cache_path(suite)
@@ -152,6 +162,7 @@ def ensure_cache(suite: str = SUITE) -> Path:
         _debootstrap(suite, fresh, mirror, cache.with_name(cache.name + ".debootstrap.log"))
         # No stale apt state or machine id in the image that every run shares.
         (fresh / "etc/machine-id").write_text("")
+        _disable_tor(fresh)
         (fresh / STAMP).write_text(json.dumps(recipe(suite)))
         if cache.exists():
             shutil.rmtree(cache)

@@ -417,6 +417,93 @@ def test_stop_drains_and_exits_0(box: Container) -> None:
     wait_for_journal(box, "metaproxy", r"^stopped", after=before)
 
 
+TOR_SOCKET_GROUP = "/run/tor/socks-group"  # a GroupWritable SocksPort beside Debian's WorldWritable one
+UNMAPPED_VIRTUAL = "10.192.0.5"            # in Tor's VirtualAddrNetworkIPv4, mapped to nothing
+
+
+def torrc_lines_from_the_man_page() -> str:
+    """The torrc lines subgraph_metaproxy.conf(5) ONION SERVICES tells Debian's tor users to add."""
+    page = (ROOT / "man/subgraph_metaproxy.conf.5").read_text(encoding="utf-8")
+    body = page.split(".Sh ONION SERVICES", 1)[1].split("\n.Sh ", 1)[0]
+    blocks = re.findall(r"^\.Bd -literal[^\n]*\n(SocksPort .*?)^\.Ed$", body, re.M | re.S)
+    assert len(blocks) == 1, "subgraph_metaproxy.conf(5) ONION SERVICES should show the torrc lines once"
+    return blocks[0].replace("\\-", "-")
+
+
+def tor_config_text(address: str, groups: str = "") -> str:
+    return (f"[daemon]\nport = 8675\n{f'groups = {groups}' if groups else ''}\n\n[upstreams]\n    [[tor]]\n"
+            f"    type = socks5\n    address = {address}\n\n[routes]\n* = tor\n\n"
+            "[firewall]\ndns = 127.0.0.1:5353\nexempt_users = debian-tor\n")
+
+
+def _refused_by_tor(box: Container, address: str, groups: str = "") -> str:
+    """Start the service on ``address``; a redirected curl to an unmapped virtual address must be
+    refused by tor itself (the socket reached, the SOCKS5 handshake done). Returns the refusal line."""
+    box.write("/etc/subgraph_metaproxy.conf", tor_config_text(address, groups))
+    box.run(["systemctl", "restart", "metaproxy"], timeout=60)
+    before = len(journal(box, "metaproxy"))
+    curl = box.run(["curl", "--silent", "--show-error", "--max-time", "20", f"http://{UNMAPPED_VIRTUAL}/"],
+                   check=False, timeout=40)
+    assert curl.returncode != 0, f"curl of an unmapped virtual address succeeded: {curl.stdout}"
+    entries = wait_for_journal(box, "metaproxy", r"refused CONNECT: ", after=before, timeout=20)
+    lines = [message(e) for e in entries[before:]]
+    refusal = next(line for line in lines if "refused CONNECT: " in line)
+    assert not [line for line in lines if "nreachable" in line or "Permission denied" in line], lines
+    assert not [json.dumps(e) for e in entries[before:] if UNMAPPED_VIRTUAL in json.dumps(e)], \
+        "the virtual address appears in the journal at the default level"
+    return refusal
+
+
+def test_debian_tor_out_of_the_box_the_service_reaches_its_unix_socket(box: Container) -> None:
+    """Debian's tor, its shipped defaults plus conf(5)'s torrc lines; the package's service with
+    upstream unix:/run/tor/socks; the package's own --print-rules. The container has no network,
+    so tor never bootstraps: a redirected curl to an unmapped address of Tor's virtual range is
+    refused by tor at once ("Missing mapping for virtual address"), which the daemon logs as
+    tor's refusal -- the socket reached and the handshake done, not "unreachable" or
+    "Permission denied". Then a GroupWritable SocksPort, reached with [daemon] groups = debian-tor."""
+    started = time.monotonic()
+    defaults = box.run(["cat", "/usr/share/tor/tor-service-defaults-torrc"]).stdout
+    assert "SocksPort unix:/run/tor/socks WorldWritable" in defaults, defaults
+    # Tor wants a GroupWritable socket's directory private to its group unless told RelaxDirModeCheck
+    # (Debian's /run/tor is 02755, as for its own GroupWritable ControlSocket line).
+    extra = torrc_lines_from_the_man_page() + \
+        f"SocksPort unix:{TOR_SOCKET_GROUP} GroupWritable RelaxDirModeCheck ExtendedErrors\n"
+    box.run(["sh", "-c", 'cat >> /etc/tor/torrc'], input=extra)
+    box.run(["systemctl", "start", "tor@default"], timeout=120)
+    box.sh(f"for i in $(seq 100); do [ -S /run/tor/socks ] && [ -S {TOR_SOCKET_GROUP} ] && exit 0; sleep 0.1; done;"
+           " exit 1")
+    layout = box.run(["stat", "-c", "%a %U %G %n", "/run/tor", "/run/tor/socks", TOR_SOCKET_GROUP]).stdout.split("\n")
+    assert layout[0].startswith("2755 debian-tor debian-tor"), layout
+    # The package's own rules (not strict), in place of the hand-made chain of the earlier steps.
+    box.sh("""
+        iptables -t nat -D OUTPUT -p tcp -j METAPROXY 2>/dev/null || true
+        iptables -t nat -F METAPROXY 2>/dev/null || true
+        iptables -t nat -X METAPROXY 2>/dev/null || true
+        ip route add 10.192.0.0/10 dev lo  # a real host's default route covers Tor's virtual range
+    """)
+    box.write("/etc/subgraph_metaproxy.conf", tor_config_text("unix:/run/tor/socks"))
+    rules = box.run(["/usr/sbin/subgraph_metaproxy", "--print-rules", "iptables"]).stdout
+    assert "-d 10.192.0.0/10 -p tcp -j REDIRECT --to-ports 8675" in rules
+    box.run(["iptables-restore", "--noflush"], input=rules)
+    try:
+        world = _refused_by_tor(box, "unix:/run/tor/socks")
+        print(f"WorldWritable {'/run/tor/socks'}: {world}")
+        tor_log = box.run(["journalctl", "-u", "tor@default", "--no-pager", "-o", "cat"]).stdout
+        assert "Missing mapping for virtual address" in tor_log or "private address" in tor_log, tor_log[-3000:]
+        gid = box.run(["getent", "group", "debian-tor"]).stdout.split(":")[2]
+        group = _refused_by_tor(box, f"unix:{TOR_SOCKET_GROUP}", groups="debian-tor")
+        pid = service(box, "MainPID")["MainPID"]
+        kept = box.run(["sh", "-c", f"grep ^Groups: /proc/{pid}/status"]).stdout.split()[1:]
+        assert kept == [gid], f"the service kept the groups {kept}, expected debian-tor's {gid}"
+        print(f"GroupWritable {TOR_SOCKET_GROUP} with groups = debian-tor: {group}")
+    finally:
+        box.run(["iptables-restore", "--noflush"], check=False,
+                input=box.run(["/usr/sbin/subgraph_metaproxy", "--print-rules", "iptables", "--unload"],
+                              check=False).stdout)
+        box.run(["systemctl", "stop", "metaproxy", "tor@default"], check=False, timeout=90)
+    print(f"Debian's tor step: {time.monotonic() - started:.1f}s")
+
+
 def test_purge_removes_the_package_and_keeps_the_user(box: Container) -> None:
     """apt-get purge: program, conffile, unit and enablement go; the system user stays (Debian practice)."""
     box.run(["apt-get", "purge", "-y", "-q", "subgraph-metaproxy"], timeout=300)
