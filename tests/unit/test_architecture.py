@@ -7,11 +7,15 @@
    in that one place.
 3. The pure modules (protocol logic, config) do no I/O of their own: no asyncio,
    no socket. They can be tested with bytes alone.
-4. Tests are found by name: metaproxy/<package>/<module>.py has its unit tests
+4. metaproxy/firewall is pure text generation, layered bottom to top: no I/O
+   call, no process, no socket, and each module imports only the pure stdlib
+   and the layers below it, so the back-ends share code without a cycle.
+5. Tests are found by name: metaproxy/<package>/<module>.py has its unit tests
    in tests/unit/test_<package>_<module>.py (or test_<package>_<module>_*.py),
    a top-level metaproxy/<module>.py in tests/unit/test_<module>.py (or
    test_<module>_*.py), and every tests/unit/test_*.py is named after a module,
-   or is one of the few that check the whole tree (tests/README.md).
+   or is one of the few that check the whole tree (tests/README.md). Helpers
+   that are not tests (forked.py, firewall_fixtures.py) have no test_ prefix.
 
 A listed directory that disappears fails the test instead of passing it empty.
 """
@@ -31,6 +35,23 @@ PRIVILEGED_API = {"bind_listeners", "drop_privileges", "restrict_unprivileged", 
 PURE = ("protocol", "config")
 IO_MODULES = ("asyncio", "socket")
 ROOT_ONLY_LIBRARIES = ("prctl", "_prctl", "seccomp")
+FIREWALL = PACKAGE / "firewall"
+FIREWALL_STDLIB = {"__future__", "dataclasses", "enum", "ipaddress", "re", "textwrap", "typing"}
+# metaproxy/firewall module -> the project modules it may import (its layers below).
+FIREWALL_LAYERS = {
+    "rules": set(),
+    "gateway": {"metaproxy.firewall.rules"},
+    "plan": {"metaproxy.firewall", "metaproxy.firewall.rules"},
+    "text": {"metaproxy.firewall.rules"},
+    "iptables": {"metaproxy.firewall", "metaproxy.firewall.rules"},
+    "nftables": {"metaproxy.firewall", "metaproxy.firewall.rules"},
+    "__init__": {"metaproxy.config.model", "metaproxy.errors", "metaproxy.firewall",
+                 "metaproxy.firewall.plan", "metaproxy.firewall.rules"},
+}
+# "from metaproxy.firewall import X" is allowed only for these X, per module.
+FIREWALL_FROM_PACKAGE = {"iptables": {"text"}, "nftables": {"text"}, "plan": {"gateway"},
+                         "__init__": {"iptables", "nftables"}}
+FIREWALL_FORBIDDEN_CALLS = {"open", "exec", "eval", "compile", "__import__", "input", "print"}
 UNIT_TESTS = ROOT / "tests" / "unit"
 NOT_MODULES = ("__init__.py", "__main__.py")
 # Unit tests that check the tree as a whole or the test harness, not one module.
@@ -38,21 +59,6 @@ WHOLE_TREE_TESTS = {
     "test_architecture.py",  # this file: imports, budgets, names
     "test_docs_in_step.py",  # the man pages, CONTRACTS.md and the shipped config against the code
     "test_forked.py",  # the forked-child harness (tests/unit/forked.py) itself
-}
-# Still waiting for their tests to take their names: config/ and firewall/ were
-# being edited when the rest moved. Until then their tests live in the files named
-# in each comment. Remove a line once test_<package>_<module>.py exists; the test
-# below fails on a line that is no longer needed.
-WAITING_MODULES = {
-    "firewall/iptables.py",  # test_firewall_golden.py, test_firewall_rules.py
-    "firewall/nftables.py",  # test_firewall_golden.py, test_firewall_rules.py
-    "firewall/plan.py",  # test_firewall_rules.py, test_firewall_gateway.py
-    "firewall/text.py",  # test_firewall_golden.py, test_firewall_purity.py
-}
-# The test files of the waiting modules whose names match no module yet, and where they go.
-WAITING_TESTS = {
-    "test_firewall_golden.py",  # per back-end: test_firewall_iptables_golden.py, test_firewall_nftables_golden.py
-    "test_firewall_purity.py",  # the package's layering: into this file, beside the other import checks
 }
 
 
@@ -141,6 +147,51 @@ def test_pure_modules_do_no_io(directory: str) -> None:
         assert not used, f"{path.relative_to(ROOT)} imports {used}: keep I/O out of pure modules"
 
 
+def _firewall_imports(tree: ast.AST) -> list[tuple[str, list[str]]]:
+    """(module, names) for each import; a relative import is '<relative>', which no layer allows."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                found.append(("<relative>", []))
+            else:
+                found.append((node.module or "", [alias.name for alias in node.names]))
+    return found
+
+
+def test_every_firewall_module_is_in_a_layer() -> None:
+    """A new module of metaproxy/firewall must be given its place in FIREWALL_LAYERS."""
+    assert {p.stem for p in _modules(FIREWALL)} == set(FIREWALL_LAYERS)
+
+
+def test_firewall_modules_import_only_pure_stdlib_and_the_layers_below() -> None:
+    problems = []
+    for path in _modules(FIREWALL):
+        for module, names in _firewall_imports(ast.parse(path.read_text(), str(path))):
+            if module.split(".")[0] in FIREWALL_STDLIB:
+                continue
+            if module not in FIREWALL_LAYERS[path.stem]:
+                problems.append(f"{path.name} imports {module}")
+            elif module == "metaproxy.firewall":
+                extra = set(names) - FIREWALL_FROM_PACKAGE.get(path.stem, set())
+                if extra:
+                    problems.append(f"{path.name} imports {sorted(extra)} from metaproxy.firewall")
+    assert problems == []
+
+
+def test_firewall_makes_no_io_calls() -> None:
+    """The daemon never runs a firewall tool: the package only returns text."""
+    problems = []
+    for path in _modules(FIREWALL):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in FIREWALL_FORBIDDEN_CALLS):
+                problems.append(f"{path.name}:{node.lineno} calls {node.func.id}()")
+    assert problems == []
+
+
 def _test_prefix(module: Path) -> str:
     """metaproxy/relay/server.py -> test_relay_server; metaproxy/cli.py -> test_cli."""
     return "test_" + "_".join(module.relative_to(PACKAGE).with_suffix("").parts)
@@ -168,10 +219,7 @@ def test_every_module_has_a_unit_test_named_after_it() -> None:
         name = str(module.relative_to(PACKAGE))
         prefix = _test_prefix(module)
         found = [t for t in tests if _names_module(t, prefix)]
-        if name in WAITING_MODULES:
-            assert not found, (f"metaproxy/{name} has {found} now: remove it from WAITING_MODULES in "
-                               "tests/unit/test_architecture.py")
-        elif not found:
+        if not found:
             missing.append(f"metaproxy/{name} has no unit test: expected tests/unit/{prefix}.py "
                            f"(or {prefix}_*.py)")
     assert not missing, "\n".join(missing)
@@ -181,9 +229,9 @@ def test_every_unit_test_is_named_after_a_module() -> None:
     """A test file whose name matches no module would be found by grep only: name it after
     the module it tests, or list it with the whole-tree tests (and say why)."""
     prefixes = [_test_prefix(module) for module in _code_modules()]
-    for name in WAITING_TESTS | WHOLE_TREE_TESTS:
-        assert (UNIT_TESTS / name).exists(), f"tests/unit/{name} is gone: remove it from this file's lists"
+    for name in WHOLE_TREE_TESTS:
+        assert (UNIT_TESTS / name).exists(), f"tests/unit/{name} is gone: remove it from WHOLE_TREE_TESTS"
     stray = [t for t in _unit_tests()
-             if t not in WAITING_TESTS | WHOLE_TREE_TESTS and not any(_names_module(t, p) for p in prefixes)]
+             if t not in WHOLE_TREE_TESTS and not any(_names_module(t, p) for p in prefixes)]
     assert not stray, (f"tests/unit/{', '.join(stray)} names no module of metaproxy/: rename it "
                        "test_<package>_<module>[_*].py after the module it tests")
