@@ -1,4 +1,4 @@
-"""The daemon in front of a real Tor (issue 14): a private Tor network the tests start.
+"""The daemon in front of a real Tor, on a private Tor network the tests start.
 
 tor_network.py runs three authorities, a relay, an exit, an onion service and
 a Tor client in the gateway namespace. The daemon runs in the client namespace

@@ -1,4 +1,4 @@
-"""[daemon] groups (issue 14): the real daemon, dropped to nobody, reaches a GroupWritable
+"""[daemon] groups: the real daemon, dropped to nobody, reaches a GroupWritable
 unix: SOCKS socket only when it keeps that socket's group.
 
 The socket is a socat front for the lab's unix: SOCKS upstream, mode 0660, owner root,
