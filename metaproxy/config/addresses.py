@@ -50,7 +50,7 @@ def parse_port(text: str) -> int:
 
 # Debian's NAME_REGEX for system users, a little wider (upper case, '.'), or a
 # numeric uid: the same rule as metaproxy/firewall/plan.py, which pastes the
-# names into rule text (tests/unit/test_config_checks.py keeps the two in step).
+# names into rule text (tests/unit/test_config_addresses.py keeps the two in step).
 # Bounded, one way to match: it cannot backtrack far.
 _USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")
 

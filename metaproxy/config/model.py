@@ -51,7 +51,7 @@ class IsolationRule:
         return ", ".join(u.value for u in Isolation if u in self.units)
 
 
-# The shipped default (issue 14, measured on a private Tor network): 100 connections
+# The shipped default (measured on a private Tor network): 100 connections
 # to 5 sites from 2 users build 112 circuits per connection, 5 per destination, 2-3
 # per user; per user and destination keeps users and sites apart with about 10.
 DEFAULT_ISOLATION = IsolationRule(frozenset({Isolation.USER, Isolation.DESTINATION}), 600)

@@ -17,7 +17,7 @@ Layers, each importing only those below it:
           rules (the vocabulary: matches, actions, chains, the Plan)
 
 Everything here is pure text generation: no I/O, no subprocess, no socket.
-The daemon never runs a firewall tool; tests/unit/test_firewall_purity.py
+The daemon never runs a firewall tool; tests/unit/test_architecture.py
 keeps it that way.
 """
 
