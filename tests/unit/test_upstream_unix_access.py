@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from metaproxy.upstream import unix_access
-from tests.unit.forked import in_child
+from tests.unit.forked import in_child, require_root
 
 DAEMON_GID = grp.getgrnam("daemon").gr_gid
 NOBODY = pwd.getpwnam("nobody")
@@ -26,7 +26,9 @@ NOBODY = pwd.getpwnam("nobody")
 @pytest.fixture
 def tmp_path() -> Iterator[Path]:
     """A directory everyone may search (pytest's own is 0700 under root's), so that a child
-    that became nobody reaches what the test puts there."""
+    that became nobody reaches what the test puts there. Every test here chowns sockets to
+    root and connects as nobody: root only (a buildd skips them, saying so)."""
+    require_root()
     path = Path(tempfile.mkdtemp(prefix="metaproxy-unix-"))
     os.chmod(path, 0o755)
     try:
