@@ -44,6 +44,3 @@ class Destination:
 
     def __hash__(self) -> int:
         return hash((self.ip, self.port))
-
-    def port_text(self) -> str:
-        return str(self.port) if _Display.show else SCRUBBED
