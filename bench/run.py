@@ -82,7 +82,7 @@ METRICS: dict[str, tuple[str, bool, Target | None]] = {
     "conn_per_s": ("1/s", False, Target(">= redsocks", lambda m: m["ratio"] >= 1.0)),
     "conn_p50_ms": ("ms", True, None),
     "conn_p99_ms": ("ms", True, Target("<= redsocks", lambda m: m["ratio"] <= 1.0)),
-    "cpu_s_per_1k_conn": ("s", True, Target("<= 1.5x redsocks", lambda m: m["ratio"] <= 1.5)),
+    "cpu_s_per_1k_conn": ("s", True, Target("<= 1.3x redsocks", lambda m: m["ratio"] <= 1.3)),
     "idle_held": ("conns", False, None),  # target set from the plan's N in main()
     "idle_rss_bytes_per_conn": ("B", True, Target("<= 4096 B", lambda m: m["project"] <= 4096)),
     "idle_rss_after_close_pct": ("%", True, Target("<= +10% of before", lambda m: m["project"] <= 10.0)),
