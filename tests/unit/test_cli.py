@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ import pytest
 
 from metaproxy import cli, daemon
 from metaproxy.errors import EX_USAGE
+from tests.unit.config_fixtures import run_cli
 
 CONFIG = "[upstreams]\n    [[tor]]\n    type = socks5\n    address = 127.0.0.1:9050\n[routes]\n* = tor\n"
 
@@ -42,17 +41,6 @@ def test_cli_exits_70_on_an_unexpected_error_and_keeps_its_text_out(tmp_path: Pa
     assert cli.main(["-c", str(conf)]) == 70
     err = capsys.readouterr().err
     assert "internal error: KeyError at " in err and "198.51.100.2" not in err
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """``cli.main`` in-process: exit code, stdout, stderr (SystemExit included)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("argv, message", [

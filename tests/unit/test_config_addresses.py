@@ -3,44 +3,15 @@ only, never host names, and the user-name rule the firewall rules share."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import pathlib
 
 import pytest
 
-from metaproxy import cli
-from metaproxy.config import load
 from metaproxy.config.addresses import is_interface, is_user_name, parse_inet
-from metaproxy.errors import EX_CONFIG, ConfigError
+from metaproxy.errors import EX_CONFIG
 from metaproxy.firewall.plan import build
 from metaproxy.firewall.rules import Mode, PlanError, Settings
-
-UPSTREAM = "[upstreams]\n    [[tor]]\n    type = socks5\n    address = 127.0.0.1:9050\n"
-ROUTES = "[routes]\n* = tor\n"
-
-
-def write(tmp_path: pathlib.Path, text: str, name: str = "m.conf") -> pathlib.Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def problems(path: pathlib.Path) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        load(str(path))
-    return caught.value.problems
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """``cli.main`` in-process: exit code, stdout, stderr (SystemExit included)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
+from tests.unit.config_fixtures import ROUTES, UPSTREAM, problems, run_cli, write
 
 
 # ---- addresses ---------------------------------------------------------------------------

@@ -9,15 +9,7 @@ import pytest
 from metaproxy.config import load
 from metaproxy.config.lines import LineIndex
 from metaproxy.errors import ConfigError
-
-UPSTREAM = "[upstreams]\n    [[tor]]\n    type = socks5\n    address = 127.0.0.1:9050\n"
-ROUTES = "[routes]\n* = tor\n"
-
-
-def write(tmp_path: pathlib.Path, text: str, name: str = "m.conf") -> pathlib.Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
+from tests.unit.config_fixtures import ROUTES, UPSTREAM, write
 
 
 def _problems(path: pathlib.Path) -> list[str]:

@@ -7,48 +7,21 @@ test_config_loader_tor_defaults.py (the defaults that suit Tor).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import pathlib
 import subprocess
 
 import pytest
 
-from metaproxy import cli
 from metaproxy.config import load
 from metaproxy.config.model import Isolation, RedirectMode, UnixAddress, UpstreamType
-from metaproxy.errors import EX_CONFIG, ConfigError
+from metaproxy.errors import EX_CONFIG
+from tests.unit.config_fixtures import ROUTES, UPSTREAM, problems, run_cli, write
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYTHON = "/usr/bin/python3"
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1",
        "LANG": "C.UTF-8"}
-UPSTREAM = "[upstreams]\n    [[tor]]\n    type = socks5\n    address = 127.0.0.1:9050\n"
-ROUTES = "[routes]\n* = tor\n"
-
-
-def write(tmp_path: pathlib.Path, text: str, name: str = "m.conf") -> str:
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
-
-
-def problems(path: str) -> list[str]:
-    with pytest.raises(ConfigError) as caught:
-        load(path)
-    return caught.value.problems
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """``cli.main`` in-process: exit code, stdout, stderr (SystemExit included)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_shipped_default_sends_every_port_to_tor_socksport() -> None:
@@ -193,7 +166,6 @@ def test_a_directory_or_a_device_is_refused_with_one_line(tmp_path: pathlib.Path
     assert err == f"{path}: expected the config as a regular file, found {kind}\n"
 
 
-
 # ---- credentials: a username needs a password for socks5 and http ---------------------
 
 @pytest.mark.parametrize("kind", ["socks5", "http"])
@@ -212,7 +184,6 @@ def test_a_username_without_a_password_is_an_error_with_its_line(tmp_path: pathl
 def test_a_socks4_user_id_alone_or_both_credentials_pass(tmp_path: pathlib.Path, body: str) -> None:
     path = write(tmp_path, f"[upstreams]\n    [[up]]\n    {body}    address = 127.0.0.1:1080\n[routes]\n* = up\n")
     assert load(str(path)).upstreams["up"].username == "alice"
-
 
 
 # ---- [daemon] log_connections -----------------------------------------------------------

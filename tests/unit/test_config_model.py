@@ -2,42 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import pathlib
 
 import pytest
 
-from metaproxy import cli
 from metaproxy.config.model import (
     Config, DaemonSettings, InetAddress, PortRange, RouteTable, UnixAddress, Upstream, UpstreamType,
 )
+from tests.unit.config_fixtures import ROUTES, UPSTREAM, run_cli, write
 
-UPSTREAM = "[upstreams]\n    [[tor]]\n    type = socks5\n    address = 127.0.0.1:9050\n"
-ROUTES = "[routes]\n* = tor\n"
 ROUTE_TABLE = RouteTable(ports={80: "web", 8080: "tor"}, ranges=(PortRange(8000, 8100, "range"),), fallback="tor")
 UPSTREAMS = {
     "tor": Upstream(name="tor", type=UpstreamType.SOCKS5, address=UnixAddress("/run/tor/socks")),
     "web": Upstream(name="web", type=UpstreamType.HTTP, address=InetAddress("192.0.2.2", 3128)),
     "range": Upstream(name="range", type=UpstreamType.SOCKS4, address=InetAddress("2001:db8::1", 1080)),
 }
-
-
-def write(tmp_path: pathlib.Path, text: str, name: str = "m.conf") -> pathlib.Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def run_cli(*argv: str) -> tuple[int, str, str]:
-    """``cli.main`` in-process: exit code, stdout, stderr (SystemExit included)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("port, name", [

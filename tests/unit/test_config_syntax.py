@@ -16,17 +16,12 @@ import pytest
 from metaproxy.config import load
 from metaproxy.config import syntax
 from metaproxy.errors import ConfigError
+from tests.unit.config_fixtures import write
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYTHON = "/usr/bin/python3"
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1",
        "LANG": "C.UTF-8"}
-
-
-def write(tmp_path: pathlib.Path, text: str, name: str = "m.conf") -> pathlib.Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 def run_child(code: str, timeout: float = 20) -> str:
@@ -84,7 +79,6 @@ def test_a_mebibyte_of_pathological_lines_is_checked_in_under_a_second(tmp_path:
     # Every line is wrong, and each problem names its own line.
     assert numbers == list(range(1, len(lines) + 1))
     assert all(len(p) < 300 for p in problems), "a problem line quotes the offending text"
-
 
 
 def test_values_lists_quotes_and_comments_read_as_configobj_reads_them(tmp_path: pathlib.Path) -> None:
