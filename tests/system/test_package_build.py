@@ -9,14 +9,13 @@ nobody, with the unit tests on (no nocheck), exactly as debian/rules runs them.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
+from tests.package.preconditions import require_root_and_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSPATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -26,18 +25,7 @@ IGNORE = shutil.ignore_patterns(".git", "build", ".pybuild", "__pycache__", ".my
 
 
 def _precondition() -> None:
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("this test needs root, to build as nobody")
-    missing = [t for t in ("dpkg-buildpackage", "dh", "pybuild", "setpriv") if shutil.which(t, path=SYSPATH) is None]
-    if missing:
-        problems.append(f"missing programs: {', '.join(missing)} (see .ci/apt-packages; `make deps`)")
-    if not problems:
-        return
-    if os.environ.get("METAPROXY_ALLOW_SKIP") == "1":
-        pytest.skip("; ".join(problems) + " [METAPROXY_ALLOW_SKIP=1]")
-    pytest.fail("; ".join(problems) + " -- refusing to skip; set METAPROXY_ALLOW_SKIP=1 to skip on purpose",
-                pytrace=False)
+    require_root_and_tools(["dpkg-buildpackage", "dh", "pybuild", "setpriv"], "this test needs root, to build as nobody")
 
 
 def test_an_unprivileged_build_runs_the_unit_tier_and_skips_only_root_tests_with_reasons() -> None:

@@ -34,6 +34,7 @@ import pytest
 
 from tests.package import rootfs
 from tests.package.container import Container
+from tests.package.preconditions import require_root_and_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSPATH = rootfs.SYSPATH
@@ -47,18 +48,7 @@ TOOLS = ["systemd-nspawn", "nsenter", "debootstrap", "mount", "dpkg-buildpackage
 
 
 def _precondition() -> None:
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("the package test needs root (debootstrap, systemd-nspawn, mount)")
-    missing = [t for t in TOOLS if shutil.which(t, path=SYSPATH) is None]
-    if missing:
-        problems.append(f"missing programs: {', '.join(missing)} (see .ci/apt-packages; `make deps`)")
-    if not problems:
-        return
-    if os.environ.get("METAPROXY_ALLOW_SKIP") == "1":
-        pytest.skip("; ".join(problems) + " [METAPROXY_ALLOW_SKIP=1]")
-    pytest.fail("; ".join(problems) + " -- refusing to skip; set METAPROXY_ALLOW_SKIP=1 to skip on purpose",
-                pytrace=False)
+    require_root_and_tools(TOOLS, "the package test needs root (debootstrap, systemd-nspawn, mount)")
 
 
 # ---- fixtures -------------------------------------------------------------------------

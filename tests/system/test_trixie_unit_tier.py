@@ -14,8 +14,6 @@ METAPROXY_ALLOW_SKIP=1. A root that cannot be made fails too.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 
 from tests.package import rootfs
 from tests.package.container import ContainerError, run_once
+from tests.package.preconditions import require_root_and_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "trixie"
@@ -35,18 +34,7 @@ ENV = ["PYTHONDONTWRITEBYTECODE=1", "MYPY_CACHE_DIR=/tmp/mypy-cache", "HOME=/roo
 
 
 def _precondition() -> None:
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("the trixie unit tier needs root (debootstrap, mount, systemd-nspawn)")
-    missing = [t for t in TOOLS if shutil.which(t, path=rootfs.SYSPATH) is None]
-    if missing:
-        problems.append(f"missing programs: {', '.join(missing)} (see .ci/apt-packages; `make deps`)")
-    if not problems:
-        return
-    if os.environ.get("METAPROXY_ALLOW_SKIP") == "1":
-        pytest.skip("; ".join(problems) + " [METAPROXY_ALLOW_SKIP=1]")
-    pytest.fail("; ".join(problems) + " -- refusing to skip; set METAPROXY_ALLOW_SKIP=1 to skip on purpose",
-                pytrace=False)
+    require_root_and_tools(TOOLS, "the trixie unit tier needs root (debootstrap, mount, systemd-nspawn)")
 
 
 @pytest.fixture(scope="module")
