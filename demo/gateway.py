@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from demo.narrate import say  # noqa: E402
+
 from metaproxy.config import load  # noqa: E402
 from metaproxy.firewall import render  # noqa: E402
 from tests.system.daemon import daemon_section, start_daemon  # noqa: E402
@@ -28,11 +30,6 @@ from tests.system.peers import DANTE_AUTH_PORT, start_dante_auth, start_nginx  #
 
 PORT = 8675
 
-
-def say(title: str, body: str = "") -> None:
-    print(f"\n\033[1m== {title}\033[0m")
-    if body:
-        print(textwrap.indent(body.rstrip(), "   "))
 
 
 def main() -> int:

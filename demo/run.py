@@ -17,17 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from demo.narrate import say  # noqa: E402
+
 from tests.system.daemon import daemon_section, start_daemon  # noqa: E402
 from tests.system.lab import WEB4, Lab, LabError  # noqa: E402
 from tests.system.peers import DANTE_PORT, start_dante, start_nginx  # noqa: E402
 
 PORT = 8675
 
-
-def say(title: str, body: str = "") -> None:
-    print(f"\n\033[1m== {title}\033[0m")
-    if body:
-        print(textwrap.indent(body.rstrip(), "   "))
 
 
 def main() -> int:

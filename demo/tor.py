@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from demo.narrate import say  # noqa: E402
+
 from tests.system.daemon import daemon_section, print_rules, start_daemon  # noqa: E402
 from tests.system.lab import GATEWAY4, WEB4, Lab, LabError  # noqa: E402
 from tests.system.peers import start_nginx  # noqa: E402
@@ -31,11 +33,6 @@ from tests.system.tor_network import (DNS_PORT, NOBODYS_RESOLVER, VIRTUAL_NET4, 
 
 PORT = 8675
 
-
-def say(title: str, body: str = "") -> None:
-    print(f"\n\033[1m== {title}\033[0m")
-    if body:
-        print(textwrap.indent(body.rstrip(), "   "))
 
 
 def show(result: "object") -> None:

@@ -3,8 +3,10 @@
 1. Logging, and the notice for legacy configs and debug mode.
 2. The root phase (metaproxy.privileged): bind the listeners, drop to the
    service user, prove the drop, empty the capabilities.
-3. The first journal record (opens the journal socket) and the event loop,
-   both before the seccomp filter, which allows neither to be opened later.
+3. The first journal record, which opens the journal socket that later
+   records reuse, and the event loop. Both come before the sandbox so that
+   nothing needs opening under it at first use: the filter does allow an
+   AF_UNIX datagram socket (sd_notify opens one per message) and epoll.
 4. Landlock: read only the config file, the Python modules and /proc/self;
    TCP connect only to the upstreams' ports. A reload needing more is refused.
 5. The seccomp filter. No byte from the network has been read so far.
