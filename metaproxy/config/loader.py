@@ -100,6 +100,13 @@ def parse_configobj(path: str, text: str) -> Config:
     # The tree is already parsed: ConfigObj only applies the configspec to it.
     obj = configobj.ConfigObj(parsed.tree, configspec=CONFIGSPEC.splitlines(), interpolation=False)
 
+    # A key where a section belongs ("upstreams = x") would reach the code
+    # below as a string: say so, and stop.
+    for name in ("daemon", "upstreams", "routes", "firewall"):
+        if name in obj and not isinstance(obj[name], dict):
+            problems.add((), name, f"a [{name}] section", f"a key {name!r}")
+    if problems.items:
+        raise ConfigError(problems.items)
     result = obj.validate(validate.Validator({"string_list": _string_list}), preserve_errors=True)
     for sections, key, error in configobj.flatten_errors(obj, result):
         if key is None:

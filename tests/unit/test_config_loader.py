@@ -196,3 +196,12 @@ def test_log_connections_is_off_by_default_and_read_from_daemon(tmp_path: pathli
     bad = write(tmp_path, "[daemon]\nlog_connections = sometimes\n" + UPSTREAM + ROUTES, "bad.conf")
     (problem,) = problems(bad)
     assert problem.startswith(f"{bad}:2: [daemon] log_connections: expected yes or no"), problem
+
+
+@pytest.mark.parametrize("text, name", [("upstreams=\n", "upstreams"), ("routes = 1\n", "routes"),
+                                        ("daemon = x\n", "daemon"), ("firewall = y\n", "firewall")])
+def test_a_key_where_a_section_belongs_is_a_problem_not_a_traceback(tmp_path: pathlib.Path, text: str,
+                                                                    name: str) -> None:
+    """Found by the -t fuzz: "upstreams =" reached the upstream loop as a string."""
+    assert problems(write(tmp_path, text)) == [
+        f"{tmp_path / 'm.conf'}:1: (top) {name}: expected a [{name}] section, found a key '{name}'"]
