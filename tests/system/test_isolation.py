@@ -200,8 +200,9 @@ def test_isolation_user_never_gives_a_gone_client_root_s_or_another_user_s_token
     """The uid-0 race of a gone client: clients of nobody that close right after connecting,
     during a burst of 300 connections from uid 4242. A gone client's socket is listed
     with uid 0 (TIME_WAIT, orphaned FIN_WAIT2); the daemon must not read that as root.
-    Every burst connection carries uid 4242's username, no other connection does, and
-    no connection carries root's; a closer carries nobody's username or one of its own.
+    Burst connections carry uid 4242's username (or, where the owner is uncertain, a fresh
+    one of their own), no other connection does, and no connection carries root's; a
+    closer carries nobody's username or one of its own.
     (A daemon that refuses gone clients before connecting upstream sends fewer closer
     sessions to dante; the burst's count still catches any closer given uid 4242's name.)"""
     log, port = world.gateway.dante_auth_log, UPSTREAMS["iso_user"][0]
@@ -230,8 +231,15 @@ def test_isolation_user_never_gives_a_gone_client_root_s_or_another_user_s_token
     names = _settled_sessions(log, mark, port, fetched)
     counts = collections.Counter(names)
     assert counts[root] == 0, f"{counts[root]} connections got root's username during the race"
-    assert counts[other] == fetched, (
-        f"{fetched} burst connections succeeded but {counts[other]} sessions carry uid {BURST_UID}'s username")
+    # uid 4242's name goes to burst connections only, and to nearly all of them. One whose
+    # source port NAT changed, while a closer's socket from the same address to the same
+    # destination still votes otherwise, has no certain owner: it gets a fresh name, one
+    # of its own (isolate more, never less), which the uniqueness check below covers.
+    assert counts[other] <= fetched, (
+        f"{counts[other]} sessions carry uid {BURST_UID}'s username, but only {fetched} burst connections ran")
+    assert counts[other] >= fetched * 9 // 10, (
+        f"{fetched} burst connections succeeded but only {counts[other]} carry uid {BURST_UID}'s username")
+    assert counts[nobody] <= CLOSERS, f"{counts[nobody]} sessions carry nobody's username, for {CLOSERS} closers"
     rest = [name for name in names if name not in (other, nobody)]
     _check_generated(rest)
     repeated = {name: n for name, n in collections.Counter(rest).items() if n > 1}
