@@ -205,15 +205,18 @@ def _tor_virtual_networks(texts: list[str], daemon: DaemonSettings, upstreams: d
             continue
         if net not in nets:
             nets.append(net)
-    named = [ip for ip in daemon.listen if not ipaddress.ip_address(ip).is_unspecified]
-    named += [u.address.host for u in upstreams.values() if isinstance(u.address, InetAddress)]
-    named += [dns.host] if dns is not None else []
-    for host in dict.fromkeys(named):
+    # Each address is reported at its own line, where the mistake usually is.
+    named = [(("daemon",), "listen", ip) for ip in daemon.listen if not ipaddress.ip_address(ip).is_unspecified]
+    named += [(("upstreams", name), "address", u.address.host) for name, u in upstreams.items()
+              if isinstance(u.address, InetAddress)]
+    named += [(where, "dns", dns.host)] if dns is not None else []
+    for sections, item, host in named:
         ip = ipaddress.ip_address(host)
         inside = next((n for n in nets if ip in n), None)
         if inside is not None:
-            problems.add(where, key, "networks that hold no listening address, upstream or resolver "
-                         "(Tor's virtual addresses are never real hosts)", f"{host} inside {inside}")
+            problems.add(sections, item, f"an address outside [firewall] tor_virtual_networks ({inside}): "
+                         "Tor's virtual addresses are never real hosts, and TCP to them is diverted to "
+                         "the daemon; use another address, or narrow tor_virtual_networks", host)
     return tuple(str(n) for n in nets)
 
 

@@ -81,12 +81,21 @@ def write(workdir: Path, name: str, data: bytes) -> Path:
 
 # ---- generators: configobj ------------------------------------------------------------
 
+# Tor's virtual ranges, the default [firewall] tor_virtual_networks: no real host,
+# so a listening or upstream address inside them is rightly refused.
+VIRTUAL = (ipaddress.ip_network("10.192.0.0/10"), ipaddress.ip_network("fe80::/10"))
+
+
+def _real(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return not any(address in net for net in VIRTUAL if net.version == address.version)
+
+
 def ipv4() -> st.SearchStrategy[str]:
-    return st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
+    return st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address).filter(_real).map(str)
 
 
 def ipv6() -> st.SearchStrategy[str]:
-    return st.integers(0, 2**128 - 1).map(lambda n: str(ipaddress.IPv6Address(n)))
+    return st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address).filter(_real).map(str)
 
 
 def port() -> st.SearchStrategy[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import pathlib
+import re
 
 import pytest
 
@@ -124,7 +125,6 @@ def test_a_loopback_virtual_range_like_tails_is_diverted_before_loopback(tmp_pat
     ("10.192.0.0/33", "10.192.0.0/33"),
     ("onion", "'onion'"),
     ("0.0.0.0/0", "narrower than /0"),
-    ("10.192.0.0/10, 192.0.2.0/24", "192.0.2.2 inside 192.0.2.0/24"),
 ])
 def test_bad_virtual_networks_are_config_errors_with_their_line(tmp_path: pathlib.Path, value: str,
                                                                   found: str) -> None:
@@ -132,6 +132,16 @@ def test_bad_virtual_networks_are_config_errors_with_their_line(tmp_path: pathli
         config(tmp_path, firewall=f"tor_virtual_networks = {value}")
     problem = "\n".join(e.value.problems)
     assert "fw.conf:15: [firewall] tor_virtual_networks:" in problem and found in problem, problem
+
+
+def test_an_upstream_inside_the_virtual_networks_is_reported_at_its_own_address_line(
+        tmp_path: pathlib.Path) -> None:
+    """TCP to it would be diverted to the daemon: the mistake is usually the address."""
+    with pytest.raises(ConfigError) as e:
+        config(tmp_path, firewall="tor_virtual_networks = 10.192.0.0/10, 192.0.2.0/24")
+    problem = "\n".join(e.value.problems)
+    assert re.search(r"fw\.conf:\d+: \[upstreams\]\[\[\w+\]\] address: expected an address outside "
+                     r"\[firewall\] tor_virtual_networks \(192\.0\.2\.0/24\).*found 192\.0\.2\.2", problem), problem
 
 
 def test_upstreams_are_excluded_by_address_and_port_but_loopback_ones_need_no_rule(tmp_path: pathlib.Path) -> None:
