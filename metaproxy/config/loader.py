@@ -206,7 +206,8 @@ def _tor_virtual_networks(texts: list[str], daemon: DaemonSettings, upstreams: d
         if net not in nets:
             nets.append(net)
     # Each address is reported at its own line, where the mistake usually is.
-    named = [(("daemon",), "listen", ip) for ip in daemon.listen if not ipaddress.ip_address(ip).is_unspecified]
+    named: list[tuple[tuple[str, ...], str, str]] = [
+        (("daemon",), "listen", ip) for ip in daemon.listen if not ipaddress.ip_address(ip).is_unspecified]
     named += [(("upstreams", name), "address", u.address.host) for name, u in upstreams.items()
               if isinstance(u.address, InetAddress)]
     named += [(where, "dns", dns.host)] if dns is not None else []
