@@ -44,14 +44,13 @@ _SEQUENCE = itertools.count(1)
 MAX_RECVS = 4  # per dump: MAX_MATCHES entries fit in one or two datagrams
 
 
-def client_uid(family: int, peer: tuple[str, int], dest: tuple[str, int]) -> int | None:
+def client_uid(peer: tuple[str, int], dest: tuple[str, int]) -> int | None:
     """Return the uid that owns the live client socket peer -> dest, or None if unknown.
 
     ``peer`` is the client's address and port as our accepted socket sees it,
-    ``dest`` the original destination. ``family`` is the accepted socket's: it
-    is not used for the lookup, since a v4-mapped peer of a dual-stack
-    listener is an IPv4 flow and is looked up as one."""
-    del family  # kept for the caller's signature; the address form decides
+    ``dest`` the original destination. The address form decides the family,
+    not the accepted socket's: a v4-mapped peer of a dual-stack listener is an
+    IPv4 flow and is looked up as one."""
     seq = next(_SEQUENCE) & 0xFFFF_FFFF
     try:
         request = inet_diag.exact_request(peer, dest, seq)

@@ -75,8 +75,17 @@ class Handshake(Protocol):
         ...
 
 
+class CredentialError(ValueError):
+    """A credential the protocol cannot carry (too long, a NUL in a SOCKS4 user id): the config's fault.
+
+    Its own type, so that the driver reports exactly these: any other ValueError
+    (a malformed destination, which the kernel never gives) may quote the
+    address and must not reach a log line.
+    """
+
+
 def check_credential(what: str, value: bytes) -> bytes:
     """RFC 1929 and SOCKS4 carry at most 255 bytes; we refuse more rather than truncate."""
     if len(value) > 255:
-        raise ValueError(f"the {what} is {len(value)} bytes long; at most 255 fit in the handshake")
+        raise CredentialError(f"the {what} is {len(value)} bytes long; at most 255 fit in the handshake")
     return value

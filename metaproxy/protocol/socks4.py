@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from metaproxy.protocol.handshake import NEED_MORE, Done, Refused, Step, Violation, check_credential
+from metaproxy.protocol.handshake import NEED_MORE, CredentialError, Done, Refused, Step, Violation, check_credential
 from metaproxy.protocol.replies import Socks4Reply, describe
 
 VERSION = 0x04
@@ -27,7 +27,7 @@ def connect_request(dest_ip: str, dest_port: int, user_id: bytes = b"") -> bytes
     if ip.version != 4:
         raise ValueError("SOCKS4 cannot carry an IPv6 destination")
     if b"\0" in user_id:
-        raise ValueError("a SOCKS4 user id cannot contain a NUL byte")
+        raise CredentialError("a SOCKS4 user id cannot contain a NUL byte")
     check_credential("SOCKS4 user id", user_id)
     return bytes((VERSION, CONNECT)) + dest_port.to_bytes(2, "big") + ip.packed + user_id + b"\0"
 

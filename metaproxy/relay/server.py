@@ -217,7 +217,9 @@ class Server:
             self._refuse(client, cid, str(e))
             return
         dest = Destination(_norm(ip), port)
-        if self._not_redirected(client, dest):
+        # Our end of the accepted socket: the loop guard and the owner lookup both ask.
+        local = client.getsockname()
+        if self._not_redirected(local, dest):
             self._refuse(client, cid, "the destination is this daemon itself: "
                          "the connection was not redirected (loop guard)")
             return
@@ -226,7 +228,7 @@ class Server:
             self._refuse(client, cid, "no route for the destination port", dest)
             return
         try:
-            machine = handshake_for(upstream, dest.ip, dest.port, self._isolation(upstream, client, peer, dest))
+            machine = handshake_for(upstream, dest.ip, dest.port, self._isolation(upstream, local, peer, dest))
         except UpstreamError as e:
             counters.failed += 1
             self._refuse(client, cid, str(e), dest, count=False)
@@ -249,20 +251,20 @@ class Server:
         if cid in self.pending:  # the dial may have failed at once, and said so already
             pending.dial = dial
 
-    def _isolation(self, upstream: Upstream, client: socket.socket, peer: tuple[str, int],
+    def _isolation(self, upstream: Upstream, local: tuple[str, int], peer: tuple[str, int],
                    dest: Destination) -> tuple[str, str] | None:
         """The isolation credentials for this connection: SOCKS5 without a configured user only."""
         if upstream.type is not UpstreamType.SOCKS5 or upstream.username:
             return None
         isolator = self._isolators[upstream.name]
         uid = None
-        if isolator.mode.has(Isolation.USER) and self._may_be_local(client):
-            uid = client_uid(client.family, (_norm(peer[0]), peer[1]), (dest.ip, dest.port))
+        if isolator.mode.has(Isolation.USER) and self._may_be_local(local):
+            uid = client_uid((_norm(peer[0]), peer[1]), (dest.ip, dest.port))
         # isolation = client keys on the peer's address; it is never logged.
         address = _norm(peer[0]) if isolator.mode.has(Isolation.CLIENT) else None
         return isolator.credentials(dest.ip, dest.port, uid, client=address)
 
-    def _may_be_local(self, client: socket.socket) -> bool:
+    def _may_be_local(self, local: tuple[str, int]) -> bool:
         """Could this client's socket be in our network namespace, so that it has an owner?
 
         REDIRECT in OUTPUT (local programs) sends to loopback; a client behind
@@ -272,7 +274,7 @@ class Server:
         """
         if self.config.daemon.mode is RedirectMode.TPROXY:
             return True
-        return ipaddress.ip_address(_norm(client.getsockname()[0])).is_loopback
+        return ipaddress.ip_address(_norm(local[0])).is_loopback
 
     def _opened(self, cid: int, name: str, dest: Destination, started: float,
                 sock: socket.socket | None, early: bytes, error: UpstreamError | None) -> None:
@@ -314,7 +316,7 @@ class Server:
                             "bytes_down": relay.bytes_down, "duration": duration, "reason": reason})
         self._check_drained()
 
-    def _not_redirected(self, client: socket.socket, dest: Destination) -> bool:
+    def _not_redirected(self, local: tuple[str, int], dest: Destination) -> bool:
         """The loop guard: was this connection meant for the daemon itself?
 
         Under REDIRECT, a connection that no rule rewrote has the original
@@ -330,8 +332,7 @@ class Server:
         """
         if self.config.daemon.mode is RedirectMode.TPROXY:
             return (dest.ip, dest.port) in self._own or dest.port in self._wildcard_ports
-        here = client.getsockname()
-        return dest.port == here[1] and dest.ip == _norm(here[0])
+        return dest.port == local[1] and dest.ip == _norm(local[0])
 
     def _give_back(self) -> None:
         """Return the memory of a burst of connections once most have closed.

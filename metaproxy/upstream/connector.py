@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol
 
 from metaproxy.config.model import InetAddress, Upstream, UpstreamType
 from metaproxy.errors import UpstreamError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
-from metaproxy.protocol.handshake import NEED_MORE, Done, Handshake, Refused, Send, Violation
+from metaproxy.protocol.handshake import NEED_MORE, CredentialError, Done, Handshake, Refused, Send, Violation
 from metaproxy.protocol.http_connect import HttpConnect
 from metaproxy.protocol.socks4 import Socks4
 from metaproxy.protocol.socks5 import Socks5
@@ -66,7 +66,7 @@ def handshake_for(upstream: Upstream, dest_ip: str, dest_port: int,
             raise UpstreamError(f"upstream {upstream.name} is {upstream.type.value}, which cannot carry "
                                 "an IPv6 destination; route IPv6 ports through a socks5 or http upstream")
         return Socks4(dest_ip, dest_port, upstream.username)
-    except ValueError as e:  # a credential too long for the protocol: the config's fault
+    except CredentialError as e:  # a credential the protocol cannot carry: the config's fault
         raise UpstreamError(f"upstream {upstream.name}: {e}; shorten it in the config") from e
 
 

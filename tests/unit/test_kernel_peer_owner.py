@@ -100,7 +100,7 @@ def _lookup_unprivileged(family: int, peer: tuple[str, int], dest: tuple[str, in
         os.setgroups([])
         os.setresgid(LOOKUP_UID, LOOKUP_UID, LOOKUP_UID)
         os.setresuid(LOOKUP_UID, LOOKUP_UID, LOOKUP_UID)
-        return client_uid(family, peer, dest)
+        return client_uid(peer, dest)
     outcome = in_child(body, timeout=WAIT)
     assert outcome.signal is None and not outcome.error, outcome
     return outcome.value
@@ -140,7 +140,7 @@ def test_finds_the_non_root_owner_of_a_live_socket(case: str) -> None:
         assert _lookup_unprivileged(accepted.family, peer, dest) == CLIENT_UID
         # The dest in both spellings: as getsockopt(SO_ORIGINAL_DST) gives it for IPv4.
         plain_dest = (dest[0].removeprefix("::ffff:"), dest[1])
-        assert client_uid(accepted.family, peer, plain_dest) == CLIENT_UID
+        assert client_uid(peer, plain_dest) == CLIENT_UID
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -148,10 +148,10 @@ def test_no_owner_for_another_destination_or_address(case: str) -> None:
     """Another destination port, or another peer address: no such socket, so None, not a
     neighbour's uid."""
     with _accepted(case) as (accepted, peer, dest, _):
-        assert client_uid(accepted.family, peer, (dest[0], 1)) is None
-        assert client_uid(accepted.family, (peer[0], 1), (dest[0], 1)) is None
+        assert client_uid(peer, (dest[0], 1)) is None
+        assert client_uid((peer[0], 1), (dest[0], 1)) is None
         other = "127.0.0.2" if "." in peer[0] else "::2"
-        assert client_uid(accepted.family, (other, peer[1]), dest) is None
+        assert client_uid((other, peer[1]), dest) is None
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -171,7 +171,7 @@ def test_a_client_that_has_gone_has_no_owner(case: str, linger0: bool) -> None:
     entry): the lookup answers None, never 0."""
     with _accepted(case, linger0) as (accepted, peer, dest, hang_up):
         hang_up()
-        assert client_uid(accepted.family, peer, dest) is None
+        assert client_uid(peer, dest) is None
         assert _lookup_unprivileged(accepted.family, peer, dest) is None
 
 
@@ -181,13 +181,13 @@ def test_a_root_client_is_root() -> None:
             socket.create_connection(server.getsockname()) as client:
         accepted, peer = server.accept()
         with accepted:
-            assert client_uid(socket.AF_INET, peer, server.getsockname()) == os.geteuid()
+            assert client_uid(peer, server.getsockname()) == os.geteuid()
         del client
 
 
 def test_malformed_addresses_have_no_owner() -> None:
-    assert client_uid(socket.AF_INET, ("not an address", 1), ("127.0.0.1", 2)) is None
-    assert client_uid(socket.AF_INET6, ("::1", 1), ("127.0.0.1", 2)) is None
+    assert client_uid(("not an address", 1), ("127.0.0.1", 2)) is None
+    assert client_uid(("::1", 1), ("127.0.0.1", 2)) is None
 
 
 # -- a real REDIRECT that changes the source port ------------------------------
@@ -273,7 +273,7 @@ def test_redirect_that_changed_the_source_port_still_finds_the_owner() -> None:
                 peer = _reused_port_connection(listener, CLIENT_UID, stack, 8101, 8102)
                 dest = (ORIGINAL, 8102)
                 found: dict[str, object] = {"peer port": peer[1], "exact": _exact_only(peer, dest),
-                                            "fallback": client_uid(socket.AF_INET, peer, dest),
+                                            "fallback": client_uid(peer, dest),
                                             "unprivileged": _lookup_unprivileged(socket.AF_INET, peer, dest)}
             return found  # after the ExitStack, which mypy counts as able to swallow exceptions
         outcome = in_child(body, timeout=4 * WAIT)
@@ -296,8 +296,8 @@ def test_two_users_behind_the_same_address_and_destination_are_unknown() -> None
                 peer = _reused_port_connection(listener, CLIENT_UID, stack, 8101, 8102)
                 other = _redirected(listener, OTHER_UID, 8102, stack, bind=(CLIENT_ADDRESS, 0))[1]
                 dest = (ORIGINAL, 8102)
-                found: dict[str, object] = {"peer port": peer[1], "changed": client_uid(socket.AF_INET, peer, dest),
-                                            "other": client_uid(socket.AF_INET, other, dest)}
+                found: dict[str, object] = {"peer port": peer[1], "changed": client_uid(peer, dest),
+                                            "other": client_uid(other, dest)}
             return found
         outcome = in_child(body, timeout=4 * WAIT)
     assert outcome.ok, outcome
@@ -327,7 +327,7 @@ def test_two_users_with_forced_port_collisions_get_exactly_two_usernames() -> No
                             dest = (ORIGINAL, 8101 + n % 2)
                             peer = _redirected(listener, uid, dest[1], stack, bind=(CLIENT_ADDRESS, port))[1]
                             for names, found in ((before, _exact_only(peer, dest)),
-                                                 (after, client_uid(socket.AF_INET, peer, dest))):
+                                                 (after, client_uid(peer, dest))):
                                 credentials = isolator.credentials(dest[0], dest[1], found)
                                 assert credentials is not None
                                 names.add(credentials[0])

@@ -137,10 +137,10 @@ def test_the_owner_lookup_of_isolation_user_works_under_the_filter() -> None:
         load_syscall_filter("kill")
         client = socket.create_connection(listener.getsockname())
         server, peer = listener.accept()
-        found = [client_uid(socket.AF_INET, peer, listener.getsockname())]
+        found = [client_uid(peer, listener.getsockname())]
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
-        found.append(client_uid(socket.AF_INET, peer, listener.getsockname()))
+        found.append(client_uid(peer, listener.getsockname()))
         server.close()
         return found
     outcome = in_child(body)

@@ -188,3 +188,15 @@ def test_socks4_refuses_ipv6_destinations_without_resolving() -> None:
     with pytest.raises(UpstreamError, match="cannot carry an IPv6 destination") as caught:
         run(open_upstream(upstream, "2001:db8:2::2", 80, credentials=None))
     assert "2001:db8" not in str(caught.value)
+
+
+def test_a_malformed_destination_never_becomes_an_upstream_error_text() -> None:
+    """Only credential problems are reported as the config's fault; any other ValueError
+    (its text may quote the address) propagates to the server's catch-all, which logs
+    the type and frames only."""
+    upstream = Upstream(name="s5", type=UpstreamType.SOCKS5, address=InetAddress("127.0.0.1", 9))
+    with pytest.raises(ValueError) as caught:
+        handshake_for(upstream, "198.51.100.999", 80, None)
+    assert not isinstance(caught.value, UpstreamError)
+    with pytest.raises(UpstreamError, match="256 bytes long.*shorten it in the config"):
+        handshake_for(upstream, "198.51.100.2", 80, ("u" * 256, "p"))
