@@ -20,13 +20,13 @@ from tests.system.daemon import Daemon, StartDaemon, next_port, start_daemon
 from tests.system.lab import SYSPATH, Lab
 from tests.system.peers import World
 from tests.system.topology import BANNER_PORTS, HTTP_PORTS, WEB_PORTS, shared_config
+from tests.preconditions import unmet
 
 REQUIRED = ["ip", "iptables", "ip6tables", "danted", "microsocks", "tinyproxy", "nginx", "socat",
             "squid", "curl", "wget", "setpriv", "unshare", "sysctl"]
-ALLOW_SKIP = os.environ.get("METAPROXY_ALLOW_SKIP") == "1"
 
 
-def _unmet() -> str | None:
+def _missing() -> str | None:
     if os.geteuid() != 0:
         return "the system tests need root (network namespaces, iptables)"
     missing = [b for b in REQUIRED if shutil.which(b, path=SYSPATH) is None]
@@ -38,13 +38,7 @@ def _unmet() -> str | None:
 
 
 def _precondition() -> None:
-    reason = _unmet()
-    if reason is None:
-        return
-    if ALLOW_SKIP:
-        pytest.skip(reason + " [METAPROXY_ALLOW_SKIP=1]")
-    pytest.fail(reason + " -- refusing to skip; set METAPROXY_ALLOW_SKIP=1 to skip on purpose",
-                pytrace=False)
+    unmet(_missing())
 
 
 # ---- fixtures ---------------------------------------------------------------------------

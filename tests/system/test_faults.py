@@ -30,7 +30,8 @@ import pytest
 
 from tests.soak import probe
 from tests.system import peers
-from tests.system.conftest import ALLOW_SKIP, StartDaemon
+from tests.preconditions import unmet
+from tests.system.conftest import StartDaemon
 from tests.system.daemon import Daemon, daemon_section
 from tests.system.lab import GATEWAY4, SYSPATH, WEB4, Lab, Namespace, Process, run
 from tests.system.peers import World
@@ -191,10 +192,8 @@ def test_upstream_restarted_serves_new_connections_without_restarting_the_daemon
 
 def _need(tool: str) -> str:
     path = shutil.which(tool, path=SYSPATH)
-    if path is None:
-        if ALLOW_SKIP:
-            pytest.skip(f"{tool} is missing [METAPROXY_ALLOW_SKIP=1]")
-        pytest.fail(f"{tool} is missing -- refusing to skip; set METAPROXY_ALLOW_SKIP=1 to skip", pytrace=False)
+    unmet(f"{tool} is missing" if path is None else None)
+    assert path is not None
     return path
 
 

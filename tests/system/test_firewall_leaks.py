@@ -50,12 +50,12 @@ import pytest
 
 from metaproxy.config import load
 from metaproxy.firewall import render
+from tests.preconditions import unmet
 from tests.system import peers
 from tests.system.daemon import Daemon, daemon_section, next_port, start_daemon
 from tests.system.lab import (CLIENT4, GATEWAY4, GATEWAY6, PYTHON, SYSPATH, WEB4, WEB6, Lab, LabError, Namespace, Process,
                               url_host)
 
-ALLOW_SKIP = os.environ.get("METAPROXY_ALLOW_SKIP") == "1"
 REQUIRED = ["ip", "nft", "iptables-nft-restore", "ip6tables-nft-restore", "iptables-legacy-restore",
             "ip6tables-legacy-restore", "tcpdump", "danted", "nginx", "curl", "getent", "unshare", "setpriv"]
 
@@ -109,11 +109,7 @@ def _precondition() -> None:
         reason = "the leak tests need root (network namespaces, netfilter, tcpdump)"
     elif missing := [b for b in REQUIRED if shutil.which(b, path=SYSPATH) is None]:
         reason = f"missing programs: {', '.join(missing)} (see .ci/apt-packages; `make deps` installs them)"
-    if reason is None:
-        return
-    if ALLOW_SKIP:
-        pytest.skip(reason + " [METAPROXY_ALLOW_SKIP=1]")
-    pytest.fail(reason + " -- refusing to skip; set METAPROXY_ALLOW_SKIP=1 to skip on purpose", pytrace=False)
+    unmet(reason)
 
 
 @dataclass

@@ -25,10 +25,10 @@ import pytest
 from metaproxy.config import load
 from metaproxy.config.model import Config
 from metaproxy.firewall import render
+from tests.preconditions import unmet
 
 SYSPATH = "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
 REPO = pathlib.Path(__file__).resolve().parents[2]
-ALLOW_SKIP = os.environ.get("METAPROXY_ALLOW_SKIP") == "1"
 TOOLS = ["ip", "nft", "iptables-legacy-restore", "iptables-legacy-save", "iptables-nft-restore",
          "iptables-nft-save", "ip6tables-legacy-restore", "ip6tables-legacy-save", "ip6tables-nft-restore",
          "ip6tables-nft-save"]
@@ -69,11 +69,7 @@ def _precondition() -> None:
         reason = "the firewall load tests need root (network namespaces)"
     elif missing := [t for t in TOOLS if shutil.which(t, path=SYSPATH) is None]:
         reason = f"missing programs: {', '.join(missing)} (apt-get install iptables nftables iproute2)"
-    if reason is None:
-        return
-    if ALLOW_SKIP:
-        pytest.skip(reason + " [METAPROXY_ALLOW_SKIP=1]")
-    pytest.fail(reason + " -- refusing to skip; set METAPROXY_ALLOW_SKIP=1 to skip on purpose", pytrace=False)
+    unmet(reason)
 
 
 def run(argv: list[str], *, stdin: str = "", check: bool = True, timeout: float = 20) -> subprocess.CompletedProcess[str]:

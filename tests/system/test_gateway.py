@@ -51,8 +51,8 @@ from tests.system.gateway_lab import LAN4, LAN_NET4, LAN_NET6, GatewayLab, LanCl
 from tests.system.lab import CLIENT4, GATEWAY4, GATEWAY6, PYTHON, SYSPATH, WEB4, WEB6, LabError, Namespace, \
     Process, url_host
 from tests.system.test_firewall_leaks import DNS_RESPONDER, _icmp_echo, _query, _raw, _tcp, _udp, _wait_for
+from tests.preconditions import unmet
 
-ALLOW_SKIP = os.environ.get("METAPROXY_ALLOW_SKIP") == "1"
 REQUIRED = ["ip", "nft", "iptables-legacy-restore", "ip6tables-legacy-restore", "iptables-legacy-save",
             "ip6tables-legacy-save", "tcpdump", "danted", "nginx", "curl", "wget", "getent", "unshare"]
 
@@ -91,11 +91,7 @@ def _precondition() -> None:
         reason = "the gateway tests need root (network namespaces, netfilter, tcpdump)"
     elif missing := [b for b in REQUIRED if shutil.which(b, path=SYSPATH) is None]:
         reason = f"missing programs: {', '.join(missing)} (see .ci/apt-packages; `make deps` installs them)"
-    if reason is None:
-        return
-    if ALLOW_SKIP:
-        pytest.skip(reason + " [METAPROXY_ALLOW_SKIP=1]")
-    pytest.fail(reason + " -- refusing to skip; set METAPROXY_ALLOW_SKIP=1 to skip on purpose", pytrace=False)
+    unmet(reason)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.preconditions import unmet
 from tests.system import clients
 from tests.system.daemon import NOBODY, SECCOMP, UNPRIVILEGED, Daemon, metaproxy_argv, next_port
 from tests.system.lab import REPO, SYSPATH, WEB4, Lab, LabError, Process, clean_env, run
@@ -78,9 +79,7 @@ def _require() -> None:
     if not missing:
         return
     reason = f"missing {', '.join(missing)} (package systemd / util-linux)"
-    if os.environ.get("METAPROXY_ALLOW_SKIP") == "1":
-        pytest.skip(reason + " [METAPROXY_ALLOW_SKIP=1]")
-    pytest.fail(reason + " -- refusing to skip; set METAPROXY_ALLOW_SKIP=1 to skip on purpose", pytrace=False)
+    unmet(reason)
 
 
 @dataclass

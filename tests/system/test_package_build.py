@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.package.preconditions import require_root_and_tools
+from tests.preconditions import require_root_and_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSPATH = "/usr/sbin:/usr/bin:/sbin:/bin"

@@ -33,8 +33,8 @@ from typing import Iterator
 
 import pytest
 
+from tests.preconditions import unmet
 from tests.system import clients
-from tests.system.conftest import ALLOW_SKIP
 from tests.system.daemon import Daemon, daemon_section, next_port, print_rules, start_daemon
 from tests.system.lab import GATEWAY4, WEB4, Lab, clean_env
 from tests.system.peers import INDEX, World
@@ -81,11 +81,7 @@ def _config(port: int, socks: str, unix_socket: Path) -> str:
 
 def _precondition() -> None:
     reason = tor_available()
-    if reason is None:
-        return
-    if ALLOW_SKIP:
-        pytest.skip(reason + " [METAPROXY_ALLOW_SKIP=1]")
-    pytest.fail(reason + " -- refusing to skip; set METAPROXY_ALLOW_SKIP=1 to skip on purpose", pytrace=False)
+    unmet(reason)
 
 
 class Tor:

@@ -23,7 +23,7 @@ import pytest
 
 from tests.package import rootfs
 from tests.package.container import ContainerError, run_once
-from tests.package.preconditions import require_root_and_tools
+from tests.preconditions import require_root_and_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "trixie"
