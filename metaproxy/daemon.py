@@ -29,6 +29,7 @@ from metaproxy.config.legacy import equivalent_text
 from metaproxy.config.model import DaemonSettings, InetAddress, RedirectMode, SeccompAction, UnixAddress
 from metaproxy.errors import ConfigError, PrivilegeError
 from metaproxy.privacy import show_destinations
+from metaproxy.relay.poller import new_event_loop
 from metaproxy.relay.server import Server
 from metaproxy.service import Supervisor
 from metaproxy.upstream import unix_access
@@ -69,7 +70,7 @@ def run(config: Config, *, debug: bool, unprivileged: bool, log_target: str,
 
     log.info("subgraph_metaproxy listening on %s port %d (%s mode) as uid %d",
              ", ".join(d.listen), d.port, d.mode.value, os.getuid())
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     _log_contained(privileged.restrict_access(sandbox.read_paths(), sandbox.ports))
     if d.seccomp is SeccompAction.OFF:
         log.warning("the seccomp filter is OFF (seccomp = off): a compromised daemon could make any "

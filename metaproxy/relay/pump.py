@@ -147,13 +147,14 @@ class _Direction:
     def _readable(self) -> None:
         relay = self.relay
         relay.last_active = relay.loop.time()
-        if self.pipe is None:
-            self.pipe = relay.pool.take()
-            if self.pipe is None:
+        pipe = self.pipe
+        if pipe is None:
+            pipe = self.pipe = relay.pool.take()
+            if pipe is None:
                 self._copy()
                 return
         try:
-            n = _splice(self.sfd, self.pipe[1], CHUNK, flags=_SPLICE_FLAGS)
+            n = _splice(self.sfd, pipe[1], CHUNK, None, None, _SPLICE_FLAGS)
         except BlockingIOError:
             self._return_pipe()
             return
@@ -164,7 +165,19 @@ class _Direction:
             self._return_pipe()
             self._eof()
             return
-        self.in_pipe = n
+        # Once per chunk, so the usual case is in line: all of it goes out at
+        # once and the pipe goes back to the pool empty. Anything else (dst
+        # full, or an error, which _flush meets again) takes the general path.
+        try:
+            moved = _splice(pipe[0], self.dfd, n, None, None, _SPLICE_FLAGS)
+        except OSError:
+            moved = 0
+        self.count += moved
+        if moved == n:
+            self.pipe = None
+            relay.pool.give(pipe)
+            return
+        self.in_pipe = n - moved
         self._flush()
 
     def _copy(self) -> None:
@@ -190,7 +203,7 @@ class _Direction:
                 self.count += sent
                 self.backlog = self.backlog[sent:]
             while self.in_pipe and self.pipe is not None:
-                moved = _splice(self.pipe[0], self.dfd, self.in_pipe, flags=_SPLICE_FLAGS)
+                moved = _splice(self.pipe[0], self.dfd, self.in_pipe, None, None, _SPLICE_FLAGS)
                 self.count += moved
                 self.in_pipe -= moved
         except BlockingIOError:

@@ -37,7 +37,7 @@ from metaproxy.logsetup import internal_error
 from metaproxy.privacy import Destination
 from metaproxy.protocol.isolation import Isolator
 from metaproxy.relay.pipes import PipePool
-from metaproxy.relay.poller import Poller
+from metaproxy.relay.poller import poller_for
 from metaproxy.relay.pump import Relay, reset
 from metaproxy.upstream.connector import Dial, handshake_for
 
@@ -131,7 +131,7 @@ class Server:
         self._peak = 0  # most relays open at once since the last give-back
         self._backoff = _BACKOFF_FIRST
         self._loop = asyncio.get_running_loop()
-        self.poller = Poller(self._loop)
+        self.poller = poller_for(self._loop)
         self.refusals = RefusalLog(self._loop, config.daemon.log_refusals)
         self._drained: asyncio.Event = asyncio.Event()
         self.apply(config)
@@ -376,7 +376,7 @@ class Server:
         limit = self.config.daemon.idle_timeout
         if limit <= 0:
             return
-        deadline = self._loop.time() - limit
+        deadline = self.poller.time() - limit  # the relays' clock
         for relay in [r for r in self.relays if r.last_active < deadline]:
             relay.abort("idle timeout")
 

@@ -1,23 +1,44 @@
-"""The relay's own epoll (relay.poller.Poller): callbacks as asyncio's add_reader would call them."""
+"""The daemon's epoll (relay.poller.Poller): relay callbacks as asyncio's add_reader would call
+them, both as the loop's own selector (the daemon) and woken as a reader of another loop;
+and asyncio's own registrations through it."""
 
 from __future__ import annotations
 
 import asyncio
+import selectors
 import socket
+import time
 from typing import Any, Awaitable, Callable
 
-from metaproxy.relay.poller import Poller
+import pytest
+
+from metaproxy.relay.poller import Poller, new_event_loop, poller_for
 
 
-def run(body: Callable[[asyncio.AbstractEventLoop, Poller], Awaitable[Any]]) -> Any:
+@pytest.fixture(params=["selector", "attached"])
+def mode(request: pytest.FixtureRequest) -> str:
+    """selector: the loop of new_event_loop() (the daemon's); attached: asyncio's default loop."""
+    return str(request.param)
+
+
+def run(body: Callable[[asyncio.AbstractEventLoop, Poller], Awaitable[Any]], mode: str) -> Any:
     async def main() -> Any:
         loop = asyncio.get_running_loop()
-        poller = Poller(loop)
+        poller = poller_for(loop)
+        # As the loop's selector it holds asyncio's registrations (its self-pipe at least).
+        assert (len(poller.get_map()) > 0) == (mode == "selector")
         try:
             return await asyncio.wait_for(body(loop, poller), 5)
         finally:
-            poller.close()
-    return asyncio.run(main())
+            if mode == "attached":
+                poller.close()
+    if mode == "attached":
+        return asyncio.run(main())
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
 
 
 async def turns(n: int = 5) -> None:
@@ -25,7 +46,7 @@ async def turns(n: int = 5) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_reader_is_called_while_data_waits_and_not_after_removal() -> None:
+def test_reader_is_called_while_data_waits_and_not_after_removal(mode: str) -> None:
     """Level-triggered like asyncio: unread data keeps waking the reader until it is removed."""
     async def body(loop: asyncio.AbstractEventLoop, poller: Poller) -> list[int]:
         a, b = socket.socketpair()
@@ -44,10 +65,10 @@ def test_reader_is_called_while_data_waits_and_not_after_removal() -> None:
         finally:
             a.close()
             b.close()
-    assert len(run(body)) >= 2
+    assert len(run(body, mode)) >= 2
 
 
-def test_writer_and_reader_on_one_descriptor_are_independent() -> None:
+def test_writer_and_reader_on_one_descriptor_are_independent(mode: str) -> None:
     async def body(loop: asyncio.AbstractEventLoop, poller: Poller) -> tuple[int, int]:
         a, b = socket.socketpair()
         seen = {"r": 0, "w": 0}
@@ -63,11 +84,11 @@ def test_writer_and_reader_on_one_descriptor_are_independent() -> None:
         finally:
             a.close()
             b.close()
-    readers, writers = run(body)
+    readers, writers = run(body, mode)
     assert readers >= 1 and writers == 1
 
 
-def test_peer_hang_up_wakes_the_reader() -> None:
+def test_peer_hang_up_wakes_the_reader(mode: str) -> None:
     """A closed peer must wake the reader (it reads EOF), or a relay would hang."""
     async def body(loop: asyncio.AbstractEventLoop, poller: Poller) -> bytes:
         a, b = socket.socketpair()
@@ -84,10 +105,10 @@ def test_peer_hang_up_wakes_the_reader() -> None:
             return got[0] if got else b"<not woken>"
         finally:
             a.close()
-    assert run(body) == b""
+    assert run(body, mode) == b""
 
 
-def test_a_failing_callback_is_reported_and_the_others_still_run() -> None:
+def test_a_failing_callback_is_reported_and_the_others_still_run(mode: str) -> None:
     async def body(loop: asyncio.AbstractEventLoop, poller: Poller) -> tuple[list[str], list[str]]:
         reported: list[str] = []
         loop.set_exception_handler(lambda _loop, context: reported.append(context["message"]))
@@ -111,11 +132,11 @@ def test_a_failing_callback_is_reported_and_the_others_still_run() -> None:
             for a, b in pairs:
                 a.close()
                 b.close()
-    reported, ran = run(body)
+    reported, ran = run(body, mode)
     assert reported == ["exception in a relay callback"] and ran == ["fine"]
 
 
-def test_a_number_closed_behind_its_back_and_reused_registers_afresh() -> None:
+def test_a_number_closed_behind_its_back_and_reused_registers_afresh(mode: str) -> None:
     """A descriptor closed while registered (the kernel drops it from the epoll) whose
     number is reused by a new socket can be registered again."""
     async def body(loop: asyncio.AbstractEventLoop, poller: Poller) -> int:
@@ -135,4 +156,68 @@ def test_a_number_closed_behind_its_back_and_reused_registers_afresh() -> None:
         finally:
             c.close()
             d.close()
-    assert run(body) >= 1
+    assert run(body, mode) >= 1
+
+
+def test_asyncio_streams_timers_and_relay_callbacks_share_the_selector() -> None:
+    """On the daemon's loop, asyncio's own servers, streams and timers still work beside
+    relay callbacks, and neither side can take the other's descriptor."""
+    async def main() -> tuple[bytes, int]:
+        loop = asyncio.get_running_loop()
+        poller = poller_for(loop)
+        echoed: list[bytes] = []
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.readexactly(5))
+            await writer.drain()
+            writer.close()
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        a, b = socket.socketpair()
+        calls: list[int] = []
+        try:
+            poller.add_reader(a.fileno(), lambda: (calls.append(1), a.recv(10)))
+            b.send(b"x")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"hello")
+            echoed.append(await asyncio.wait_for(reader.readexactly(5), 5))
+            writer.close()
+            await asyncio.sleep(0.01)  # a timer, through select()'s timeout
+            with pytest.raises(KeyError):
+                poller.add_reader(server.sockets[0].fileno(), lambda: None)
+            with pytest.raises(KeyError):
+                loop.add_reader(a.fileno(), lambda: None)
+            return echoed[0], len(calls)
+        finally:
+            poller.remove_reader(a.fileno())
+            server.close()
+            a.close()
+            b.close()
+    loop = new_event_loop()
+    try:
+        data, calls = loop.run_until_complete(asyncio.wait_for(main(), 10))
+    finally:
+        loop.close()
+    assert data == b"hello" and calls >= 1
+
+
+def test_selector_timeouts_round_up_and_never_block_forever_by_mistake() -> None:
+    """select() waits at least its timeout (epoll counts milliseconds) and returns asyncio's events."""
+    poller = Poller()
+    a, b = socket.socketpair()
+    try:
+        started = time.monotonic()
+        assert poller.select(0.0004) == []
+        assert time.monotonic() - started >= 0.0004
+        key = poller.register(a, selectors.EVENT_READ, "data")
+        assert poller.get_key(a) is key and poller.get_map()[a.fileno()] is key
+        b.send(b"x")
+        assert poller.select(1) == [(key, selectors.EVENT_READ)]
+        key = poller.modify(a, selectors.EVENT_READ | selectors.EVENT_WRITE, "more")
+        assert poller.select(0) == [(key, selectors.EVENT_READ | selectors.EVENT_WRITE)]
+        poller.unregister(a)
+        assert poller.select(0) == [] and len(poller.get_map()) == 0
+    finally:
+        poller.close()
+        a.close()
+        b.close()

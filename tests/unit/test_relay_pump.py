@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from metaproxy.relay.pipes import PipePool
-from metaproxy.relay.poller import Poller
+from metaproxy.relay.poller import poller_for
 from metaproxy.relay.pump import Relay
 
 
@@ -69,7 +69,7 @@ class Lab:
 def run(body: Callable[[Lab], Awaitable[Any]], pool: PipePool | None = None, early: bytes = b"") -> Any:
     async def main() -> Any:
         loop = asyncio.get_running_loop()
-        poller = Poller(loop)
+        poller = poller_for(loop)
         app, client = _pair()
         upstream, peer = _pair()
         closed: list[str] = []

@@ -16,7 +16,7 @@ import pytest
 
 from metaproxy.config.model import InetAddress, Upstream, UpstreamType
 from metaproxy.errors import UpstreamError, UpstreamProtocolError, UpstreamRefused, UpstreamTimeout
-from metaproxy.relay.poller import Poller
+from metaproxy.relay.poller import poller_for
 from metaproxy.upstream.connector import Dial, handshake_for
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -49,7 +49,7 @@ async def open_upstream(upstream: Upstream, dest_ip: str, dest_port: int,
                         credentials: tuple[str, str] | None) -> tuple[socket.socket, bytes]:
     """One Dial, as the server runs it, as an awaitable for the tests."""
     loop = asyncio.get_running_loop()
-    poller = Poller(loop)
+    poller = poller_for(loop)
     done: asyncio.Future[tuple[socket.socket, bytes]] = loop.create_future()
 
     def finished(sock: socket.socket | None, early: bytes, error: Exception | None) -> None:

@@ -25,7 +25,7 @@ from python_socks import ProxyType
 from python_socks.sync import Proxy
 
 from metaproxy.config.model import InetAddress, Upstream, UpstreamType
-from metaproxy.relay.poller import Poller
+from metaproxy.relay.poller import poller_for
 from metaproxy.upstream.connector import Dial, handshake_for
 
 Reader = Callable[[socket.socket], bytes]
@@ -125,7 +125,7 @@ def _reference(kind: ProxyType, port: int, dest: tuple[str, int], username: str 
 def _ours(upstream: Upstream, dest: tuple[str, int], isolation: tuple[str, str] | None = None) -> bytes:
     async def dial() -> bytes:
         loop = asyncio.get_running_loop()
-        poller = Poller(loop)
+        poller = poller_for(loop)
         done: asyncio.Future[bytes] = loop.create_future()
 
         def finished(sock: socket.socket | None, early: bytes, error: Exception | None) -> None:
