@@ -113,7 +113,9 @@ redsocks {{
     return process
 
 
-def project_config(net: Net, seccomp: str = "kill") -> Path:
+def project_config(net: Net, seccomp: str = "kill", isolation: str | None = None) -> Path:
+    """The daemon's config: its defaults but for the ports, limits and, if given, isolation."""
+    iso = f"    isolation = {isolation}\n" if isolation else ""
     return net.file("metaproxy.conf", f"""\
 [daemon]
 seccomp = {seccomp}
@@ -126,8 +128,7 @@ idle_timeout = 900
     [[dante]]
     type = socks5
     address = {GATEWAY}:{DANTE_PORT}
-    isolation = none
-[routes]
+{iso}[routes]
 * = dante
 """)
 
@@ -144,12 +145,14 @@ def project_argv(conf: Path, loop: str) -> tuple[list[str], str]:
 
 
 def start_project(net: Net, loop: str = "default", extra_env: dict[str, str] | None = None,
-                  seccomp: str = "kill") -> tuple[Process, str]:
-    conf = project_config(net, seccomp)
+                  seccomp: str = "kill", isolation: str | None = None) -> tuple[Process, str]:
+    conf = project_config(net, seccomp, isolation)
     argv, note = project_argv(conf, loop)
     env = clean_env(PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1", **(extra_env or {}))
     if seccomp != "kill":
         note = "; ".join(filter(None, [note, f"seccomp={seccomp}"]))
+    if isolation:
+        note = "; ".join(filter(None, [note, f"isolation={isolation}"]))
     if extra_env:
         note = "; ".join(filter(None, [note, " ".join(f"{k}={v}" for k, v in extra_env.items())]))
     process = net.client.spawn("metaproxy", argv, env=env, cwd=str(REPO))

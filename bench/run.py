@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="metaproxy's seccomp action (log: find what a variant such as uvloop needs)")
     p.add_argument("--project-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for metaproxy (experiments, e.g. PYTHONMALLOC=malloc)")
+    p.add_argument("--isolation", metavar="RULE",
+                   help="metaproxy's upstream isolation (default: the daemon's default, as users run it)")
     p.add_argument("--only", default="bulk,conn,idle", help="comma-separated subset of bulk,conn,idle")
     p.add_argument("--json", metavar="FILE", help="also write every raw value here")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def project() -> Process:
             process, note = peers.start_project(net, a.loop, dict(kv.split("=", 1) for kv in a.project_env),
-                                                 a.seccomp)
+                                                 a.seccomp, a.isolation)
             if note and not notes:
                 notes.append(note)
                 results.notes.append(f"metaproxy: {note}")
