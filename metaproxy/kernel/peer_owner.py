@@ -54,7 +54,6 @@ def client_uid(peer: tuple[str, int], dest: tuple[str, int]) -> int | None:
     seq = next(_SEQUENCE) & 0xFFFF_FFFF
     try:
         request = inet_diag.exact_request(peer, dest, seq)
-        bytecode = inet_diag.flow_filter(peer[0], dest)
     except ValueError:
         return None
     try:
@@ -64,10 +63,12 @@ def client_uid(peer: tuple[str, int], dest: tuple[str, int]) -> int | None:
             entry = inet_diag.parse_reply(netlink.recv(inet_diag.REPLY_BUFFER), seq)
             if entry is not None:
                 return inet_diag.established_owner(entry, peer, dest)
+            # The filter only now: the exact lookup answers almost every time.
+            bytecode = inet_diag.flow_filter(peer[0], dest)
             entries = _dump(netlink, inet_diag.dump_request(dest[1], bytecode, seq + 1), seq + 1)
     except OSError:  # EAGAIN (no reply queued), EAFNOSUPPORT (RestrictAddressFamilies), ENOBUFS...
         return None
-    except inet_diag.DiagError:
+    except ValueError:  # DiagError: a malformed or unexpected reply
         return None
     return inet_diag.agreed_owner(entries, peer[0], dest)
 

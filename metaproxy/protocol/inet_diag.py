@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 import struct
 from dataclasses import dataclass
 
@@ -150,23 +151,49 @@ class DiagError(ValueError):
     """The reply is malformed, or is not the answer to our request."""
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+_NAMES = {AF_INET: "IPv4", AF_INET6: "IPv6"}
+# As strict as ipaddress: four decimal parts from 0 to 255, no leading zeros.
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
+
+
+def _ip(text: str) -> tuple[int, bytes]:
+    """(family, address bytes) of an address text, a v4-mapped one as IPv4.
+
+    Raises ValueError if it is not an address. IPv4, the usual case, is
+    parsed here: this runs for every connection of isolation = user, and
+    ipaddress objects were a tenth of the daemon's time there."""
     # A scope (fe80::1%eth0) needs idiag_if, an interface index we cannot
     # compute without I/O; the lookup then simply misses (owner unknown).
-    ip = ipaddress.ip_address(text.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    text = text.split("%", 1)[0]
+    if ":" not in text:
+        if _IPV4.fullmatch(text) is None:
+            raise ValueError(f"{text!r} is not an IPv4 address")
+        return AF_INET, bytes(map(int, text.split(".")))
+    packed = ipaddress.IPv6Address(text).packed
+    if packed[:12] == _V4_MAPPED:
+        return AF_INET, packed[12:]
+    return AF_INET6, packed
+
+
+def _text(family: int, packed: bytes) -> str:
+    if family == AF_INET:
+        return ".".join(map(str, packed))
+    return str(ipaddress.IPv6Address(packed))
 
 
 def normalise(endpoint: Endpoint) -> Endpoint:
     """The spelling used in comparisons: a v4-mapped address becomes IPv4."""
-    return str(_ip(endpoint[0])), endpoint[1]
+    text = endpoint[0].split("%", 1)[0]
+    if ":" not in text and _IPV4.fullmatch(text) is not None:
+        return text, endpoint[1]  # the pattern admits only the canonical spelling
+    return _text(*_ip(text)), endpoint[1]
 
 
-def _field(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+def _field(packed: bytes) -> bytes:
     """The __be32[4] address field: an IPv4 address fills the first word."""
-    return ip.packed.ljust(16, b"\0")
+    return packed.ljust(16, b"\0")
 
 
 def exact_request(src: Endpoint, dst: Endpoint, seq: int) -> bytes:
@@ -174,10 +201,9 @@ def exact_request(src: Endpoint, dst: Endpoint, seq: int) -> bytes:
 
     Raises ValueError for a malformed address or a mix of IPv4 and IPv6, which
     no single socket can have."""
-    local, remote = _ip(src[0]), _ip(dst[0])
-    if local.version != remote.version:
-        raise ValueError(f"no socket joins an IPv{local.version} and an IPv{remote.version} address")
-    family = AF_INET if local.version == 4 else AF_INET6
+    (family, local), (remote_family, remote) = _ip(src[0]), _ip(dst[0])
+    if family != remote_family:
+        raise ValueError(f"no socket joins an {_NAMES[family]} and an {_NAMES[remote_family]} address")
     body = (_REQ_V2.pack(family, IPPROTO_TCP, 0, 1 << TcpState.ESTABLISHED)
             + _SOCKID_PORTS.pack(src[1], dst[1]) + _field(local) + _field(remote)
             + _SOCKID_TAIL.pack(0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
@@ -187,9 +213,11 @@ def exact_request(src: Endpoint, dst: Endpoint, seq: int) -> bytes:
 
 def _address(family: int, field: bytes) -> str:
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(field[:4]))
+        return _text(AF_INET, field[:4])
     if family == AF_INET6:
-        return str(_ip(str(ipaddress.IPv6Address(field))))
+        if field[:12] == _V4_MAPPED:
+            return _text(AF_INET, field[12:])
+        return _text(AF_INET6, field)
     raise DiagError(f"inet_diag reply names address family {family}, expected AF_INET or AF_INET6")
 
 
@@ -246,10 +274,9 @@ def established_owner(entry: Entry | None, src: Endpoint, dst: Endpoint) -> int 
 # -- the fallback: one filtered dump of both socket families -----------------
 
 
-def _condition(code: BcOp, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int, reject: int) -> bytes:
+def _condition(code: BcOp, family: int, packed: bytes, port: int, reject: int) -> bytes:
     """One host condition; ``reject`` is the byte offset, from this op, past the filter's end."""
-    family = AF_INET if ip.version == 4 else AF_INET6
-    body = _HOSTCOND.pack(family, ip.max_prefixlen, port) + ip.packed
+    body = _HOSTCOND.pack(family, 8 * len(packed), port) + packed
     size = _BC_OP.size + len(body)
     return _BC_OP.pack(code, size, reject) + body
 
@@ -261,12 +288,12 @@ def flow_filter(peer_ip: str, dest: Endpoint) -> bytes:
     the end when it fails ("no"), which the kernel reads as "rejected"; the
     socket matches when the run ends exactly at the end. Raises ValueError as
     exact_request does."""
-    local, remote = _ip(peer_ip), _ip(dest[0])
-    if local.version != remote.version:
-        raise ValueError(f"no socket joins an IPv{local.version} and an IPv{remote.version} address")
-    step = _BC_OP.size + _HOSTCOND.size + len(local.packed)
-    return (_condition(BcOp.S_COND, local, -1, 2 * step + 4)
-            + _condition(BcOp.D_COND, remote, dest[1], step + 4))
+    (family, local), (remote_family, remote) = _ip(peer_ip), _ip(dest[0])
+    if family != remote_family:
+        raise ValueError(f"no socket joins an {_NAMES[family]} and an {_NAMES[remote_family]} address")
+    step = _BC_OP.size + _HOSTCOND.size + len(local)
+    return (_condition(BcOp.S_COND, family, local, -1, 2 * step + 4)
+            + _condition(BcOp.D_COND, family, remote, dest[1], step + 4))
 
 
 def dump_request(dest_port: int, bytecode: bytes, seq: int) -> bytes:

@@ -14,7 +14,6 @@ theirs.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -39,13 +38,21 @@ class Isolator:
     as a rule of that unit alone that never rotates.
     """
 
-    __slots__ = ("mode", "_secret", "_clock")
+    __slots__ = ("mode", "_secret", "_clock", "_none", "_fresh", "_dest", "_client", "user")
 
     def __init__(self, mode: IsolationRule | Isolation, secret: bytes | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.mode = mode if isinstance(mode, IsolationRule) else IsolationRule(frozenset({mode}))
         self._secret = secret if secret is not None else secrets.token_bytes(32)
         self._clock = clock
+        # The rule's units, read once: this runs per connection, and testing
+        # an Enum member's presence in a set costs a Python call each time.
+        rule = self.mode
+        self._none = rule.has(Isolation.NONE)
+        self._fresh = rule.has(Isolation.CONNECTION) or not rule.units
+        self._dest = rule.has(Isolation.DESTINATION)
+        self._client = rule.has(Isolation.CLIENT)
+        self.user = rule.has(Isolation.USER)  # the caller looks up the owner only then
 
     def credentials(self, dest_ip: str, dest_port: int, uid: int | None,
                     client: str | None = None) -> tuple[str, str] | None:
@@ -64,39 +71,40 @@ class Isolator:
         share root's token, as every user's do. The bug this guards against
         was a gone client's entry (TIME_WAIT, uid 0) read as root's.
         """
-        rule = self.mode
-        if rule.has(Isolation.NONE):
+        if self._none:
             return None
-        parts = self._parts(rule, dest_ip, dest_port, uid, client)
+        parts = self._parts(dest_ip, dest_port, uid, client)
         # The owner is unknown (gone, a LAN client behind a gateway, not
         # ESTABLISHED, a failed lookup), or the client's address is, or the
         # unit is the connection: fresh credentials. Isolate more, never less.
         token = secrets.token_hex(16) if parts is None else self._mac("|".join(parts))
         return _PREFIX + token, token
 
-    def _parts(self, rule: IsolationRule, dest_ip: str, dest_port: int, uid: int | None,
-               client: str | None) -> list[str] | None:
+    def _parts(self, dest_ip: str, dest_port: int, uid: int | None, client: str | None) -> list[str] | None:
         """The HMAC input, unit by unit in a fixed order; None where a fresh token is due."""
-        if rule.has(Isolation.CONNECTION) or not rule.units:
+        if self._fresh:
             return None
         parts = []
-        if rule.has(Isolation.DESTINATION):
+        if self._dest:
             parts.append(f"dest|{dest_ip}|{dest_port}")
-        if rule.has(Isolation.CLIENT):
+        if self._client:
             address = _client_address(client)
             if address is None:
                 return None
             parts.append(f"client|{address}")
-        if rule.has(Isolation.USER):
+        if self.user:
             if uid is None:
                 return None
             parts.append(f"uid|{uid}")
-        if rule.period:
-            parts.append(f"period|{int(self._clock() // rule.period)}")
+        period = self.mode.period
+        if period:
+            parts.append(f"period|{int(self._clock() // period)}")
         return parts
 
     def _mac(self, text: str) -> str:
-        return hmac.new(self._secret, text.encode(), hashlib.sha256).hexdigest()[:32]
+        # The one-shot hmac.digest: the same bytes as hmac.new(), without a
+        # Python HMAC object per connection.
+        return hmac.digest(self._secret, text.encode(), "sha256").hex()[:32]
 
 
 def _client_address(text: str | None) -> str | None:

@@ -125,6 +125,7 @@ class Server:
         self.pending: dict[int, _Pending] = {}  # by cid: clients whose upstream is being dialled
         self._own = {(_norm(s.getsockname()[0]), s.getsockname()[1]) for s in listeners}
         self._wildcard_ports = {port for ip, port in self._own if _is_any(ip)}
+        self._loopback: dict[str, bool] = {}  # local address -> is it loopback (_may_be_local)
         self._next_id = 0
         self._accepting = False
         self._draining = False
@@ -258,7 +259,7 @@ class Server:
             return None
         isolator = self._isolators[upstream.name]
         uid = None
-        if isolator.mode.has(Isolation.USER) and self._may_be_local(local):
+        if isolator.user and self._may_be_local(local):
             uid = client_uid((_norm(peer[0]), peer[1]), (dest.ip, dest.port))
         # isolation = client keys on the peer's address; it is never logged.
         address = _norm(peer[0]) if isolator.mode.has(Isolation.CLIENT) else None
@@ -274,7 +275,16 @@ class Server:
         """
         if self.config.daemon.mode is RedirectMode.TPROXY:
             return True
-        return ipaddress.ip_address(_norm(local[0])).is_loopback
+        # Our own addresses, so few: remembered, as ipaddress is slow per connection.
+        known = self._loopback.get(local[0])
+        if known is None:
+            if len(self._loopback) >= 64:
+                self._loopback.clear()
+            ip = ipaddress.ip_address(_norm(local[0]))
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped  # a dual-stack listener's IPv4 client
+            known = self._loopback[local[0]] = ip.is_loopback
+        return known
 
     def _opened(self, cid: int, name: str, dest: Destination, started: float,
                 sock: socket.socket | None, early: bytes, error: UpstreamError | None) -> None:
