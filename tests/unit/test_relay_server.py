@@ -205,3 +205,18 @@ def test_tproxy_loop_guard_refuses_every_address_on_a_wildcard_listeners_port(tm
             wildcard.close()
             server.poller.close()
     assert run(body) == [True, True, True, False, False]
+
+
+def test_owner_lookups_are_asked_for_loopback_arrivals_only_v4_mapped_included(tmp_path: Path) -> None:
+    """REDIRECT in OUTPUT delivers local programs to a loopback address, as IPv4 or, on a
+    dual-stack listener, v4-mapped IPv6; a gateway's clients arrive elsewhere."""
+    async def body() -> list[bool]:
+        server = make_server(tmp_path)
+        try:
+            return [server._may_be_local((ip, 8675)) for ip in
+                    ("127.0.0.1", "127.0.0.53", "::1", "::ffff:127.0.0.1", "192.0.2.1", "::ffff:192.0.2.1",
+                     "2001:db8::1", "fe80::1%eth0", "127.0.0.1")]
+        finally:
+            server.listeners[0].close()
+            server.poller.close()
+    assert run(body) == [True, True, True, True, False, False, False, False, True]
