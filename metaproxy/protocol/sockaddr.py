@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 import struct
+
+from metaproxy.protocol import address
 
 AF_INET = 2
 AF_INET6 = 10
@@ -21,9 +22,9 @@ def decode(raw: bytes) -> tuple[str, int]:
     family = struct.unpack_from("=H", raw)[0]
     port = struct.unpack_from("!H", raw, 2)[0]
     if family == AF_INET and len(raw) >= SOCKADDR_IN_SIZE:
-        return str(ipaddress.IPv4Address(raw[4:8])), port
+        return address.unpack(raw[4:8]), port
     if family == AF_INET6 and len(raw) >= SOCKADDR_IN6_SIZE:
-        ip = ipaddress.IPv6Address(raw[8:24])
+        packed = raw[8:24]
         # A v4-mapped address means an IPv4 flow seen through a dual-stack socket.
-        return str(ip.ipv4_mapped or ip), port
+        return address.unpack(packed[12:] if packed[:12] == address.V4_MAPPED else packed), port
     raise ValueError(f"unexpected sockaddr family {family} with {len(raw)} bytes")

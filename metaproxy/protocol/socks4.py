@@ -12,8 +12,7 @@ before any byte is sent (the constructor raises ValueError).
 
 from __future__ import annotations
 
-import ipaddress
-
+from metaproxy.protocol import address
 from metaproxy.protocol.handshake import NEED_MORE, CredentialError, Done, Refused, Step, Violation, check_credential
 from metaproxy.protocol.replies import Socks4Reply, describe
 
@@ -23,13 +22,13 @@ REPLY_LENGTH = 8
 
 
 def connect_request(dest_ip: str, dest_port: int, user_id: bytes = b"") -> bytes:
-    ip = ipaddress.ip_address(dest_ip)
-    if ip.version != 4:
+    packed = address.pack(dest_ip)
+    if len(packed) != 4:
         raise ValueError("SOCKS4 cannot carry an IPv6 destination")
     if b"\0" in user_id:
         raise CredentialError("a SOCKS4 user id cannot contain a NUL byte")
     check_credential("SOCKS4 user id", user_id)
-    return bytes((VERSION, CONNECT)) + dest_port.to_bytes(2, "big") + ip.packed + user_id + b"\0"
+    return bytes((VERSION, CONNECT)) + dest_port.to_bytes(2, "big") + packed + user_id + b"\0"
 
 
 class Socks4:

@@ -17,8 +17,7 @@ for one) read the greeting with a recv() that would swallow what follows it.
 
 from __future__ import annotations
 
-import ipaddress
-
+from metaproxy.protocol import address
 from metaproxy.protocol.handshake import NEED_MORE, Done, Refused, Send, Step, Violation, check_credential
 from metaproxy.protocol.replies import describe
 
@@ -33,9 +32,9 @@ _METHOD, _AUTH, _HEAD, _TAIL, _DONE = range(5)
 
 def connect_request(dest_ip: str, dest_port: int) -> bytes:
     """VER CMD RSV ATYP DST.ADDR DST.PORT for an IP literal (the daemon never has names)."""
-    ip = ipaddress.ip_address(dest_ip)
-    atyp = ATYP_IPV6 if ip.version == 6 else ATYP_IPV4
-    return bytes((VERSION, CONNECT, 0, atyp)) + ip.packed + dest_port.to_bytes(2, "big")
+    packed = address.pack(dest_ip)
+    atyp = ATYP_IPV6 if len(packed) == 16 else ATYP_IPV4
+    return bytes((VERSION, CONNECT, 0, atyp)) + packed + dest_port.to_bytes(2, "big")
 
 
 def auth_request(username: bytes, password: bytes) -> bytes:

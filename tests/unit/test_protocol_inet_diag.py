@@ -16,7 +16,6 @@ kernel's EINVAL for a filter cut short.
 from __future__ import annotations
 
 import ipaddress
-import random
 import struct
 
 import pytest
@@ -287,7 +286,7 @@ def test_too_many_matches_are_unknown() -> None:
     assert agreed_owner(entries[:-1], PEER, FLOW_DEST) == 1000
 
 
-# -- addresses: parsed here for speed, checked against the ipaddress module ---
+# -- addresses: normalised as ipaddress would (protocol.address does the parsing) --
 
 def _reference(text: str) -> str | None:
     try:
@@ -317,13 +316,3 @@ def test_addresses_read_as_the_ipaddress_module_reads_them(text: str) -> None:
     """The same address, or the same refusal, as ipaddress: v4-mapped as IPv4, no scope."""
     assert _ours(text) == _reference(text)
 
-
-def test_random_addresses_read_as_the_ipaddress_module_reads_them() -> None:
-    rng = random.Random(10)
-    for _ in range(2000):
-        v4 = ".".join(str(rng.choice([0, 1, 9, 10, 99, 100, 199, 255, 256, rng.randrange(300)]))
-                      for _ in range(rng.choice([3, 4, 4, 4, 5])))
-        v6 = str(ipaddress.IPv6Address(rng.getrandbits(128) if rng.random() < 0.8
-                                       else (0xFFFF << 32) | rng.getrandbits(32)))
-        for text in (v4, v6):
-            assert _ours(text) == _reference(text), text

@@ -1,0 +1,55 @@
+"""protocol.address: the per-connection address conversions, against the ipaddress module."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+
+from metaproxy.protocol import address
+
+TEXTS = [
+    "0.0.0.0", "127.0.0.1", "255.255.255.255", "192.0.2.1", "198.51.100.10", "10.0.0.255",
+    "256.0.0.1", "1.2.3", "1.2.3.4.5", "01.2.3.4", "1.2.3.04", "1.2.3.00", "1.2.3.-4", "1.2.3.+4",
+    " 1.2.3.4", "1.2.3.4 ", "1.2.3.4\n", "1..3.4", "", ".", "a.b.c.d", "1.2.3.٤", "1.2.3.²", "1.2.3.0x4",
+    "1000.2.3.4", "1.2.3.4%eth0", "::", "::1", "2001:db8::2:2", "::ffff:192.0.2.1", "::ffff:c000:201",
+    "fe80::1%eth0", "::ffff:1.2.3", "2001:db8::g", ":::", "1:2:3:4:5:6:7:8:9",
+]
+
+
+def _reference_pack(text: str) -> bytes | None:
+    try:
+        return ipaddress.ip_address(text).packed
+    except ValueError:
+        return None
+
+
+def _pack(text: str) -> bytes | None:
+    try:
+        return address.pack(text)
+    except ValueError:
+        return None
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_pack_accepts_and_refuses_what_ipaddress_does(text: str) -> None:
+    assert _pack(text) == _reference_pack(text)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_canonical_ipv4_is_what_ipaddress_reads_as_ipv4_and_prints_back(text: str) -> None:
+    ip = _reference_pack(text)
+    assert address.is_canonical_ipv4(text) == (ip is not None and len(ip) == 4 and address.unpack(ip) == text)
+
+
+def test_random_addresses_pack_and_unpack_as_ipaddress_does() -> None:
+    rng = random.Random(10)
+    for _ in range(3000):
+        v4 = ".".join(str(rng.choice([0, 1, 9, 10, 99, 100, 199, 249, 250, 255, 256, rng.randrange(300)]))
+                      for _ in range(rng.choice([3, 4, 4, 4, 5])))
+        assert _pack(v4) == _reference_pack(v4), v4
+        for packed in (rng.randbytes(4), rng.randbytes(16), address.V4_MAPPED + rng.randbytes(4)):
+            text = address.unpack(packed)
+            assert text == str(ipaddress.ip_address(packed)), packed
+            assert address.pack(text) == packed
