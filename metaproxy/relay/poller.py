@@ -133,10 +133,6 @@ class Poller(selectors.BaseSelector):
         old = self._masks.get(fd, 0)
         if mask == old:
             return
-        if fd in self._keys:
-            self._readers.pop(fd, None)
-            self._writers.pop(fd, None)
-            raise KeyError(f"poller: descriptor {fd} is asyncio's; a relay cannot watch it too")
         try:
             if not old:
                 self._epoll.register(fd, mask)
@@ -149,6 +145,13 @@ class Poller(selectors.BaseSelector):
             # the epoll), and the number reused: start afresh.
             if mask:
                 self._epoll.register(fd, mask)
+        except FileExistsError:
+            self._readers.pop(fd, None)
+            self._writers.pop(fd, None)
+            raise KeyError(f"poller: descriptor {fd} is watched by asyncio; a relay cannot watch it too") from None
+        # An asyncio entry for this number is stale (its descriptor was closed
+        # without being unregistered): the epoll had no such descriptor.
+        self._keys.pop(fd, None)
         if mask:
             self._masks[fd] = mask
         else:
@@ -160,10 +163,19 @@ class Poller(selectors.BaseSelector):
         if not events or events & ~(selectors.EVENT_READ | selectors.EVENT_WRITE):
             raise ValueError(f"poller: invalid events {events!r}")
         fd = _fd(fileobj)
-        if fd in self._keys or fd in self._masks:
-            raise KeyError(f"poller: descriptor {fd} is already registered")
+        if fd in self._keys:
+            raise KeyError(f"poller: {fileobj!r} (descriptor {fd}) is already registered")
+        try:
+            self._epoll.register(fd, _epoll_mask(events))
+        except FileExistsError:
+            raise KeyError(f"poller: descriptor {fd} is a relay's; asyncio cannot watch it too") from None
+        # A relay's entries for this number are stale (that socket was closed
+        # without being removed, and closing dropped it from the epoll): their
+        # callbacks must never run for the new descriptor.
+        self._readers.pop(fd, None)
+        self._writers.pop(fd, None)
+        self._masks.pop(fd, None)
         key = selectors.SelectorKey(fileobj, fd, events, data)
-        self._epoll.register(fd, _epoll_mask(events))
         self._keys[fd] = key
         return key
 

@@ -221,3 +221,46 @@ def test_selector_timeouts_round_up_and_never_block_forever_by_mistake() -> None
         poller.close()
         a.close()
         b.close()
+
+
+def test_a_number_one_side_closed_without_removing_is_free_for_the_other() -> None:
+    """asyncio and the relays share one epoll: a descriptor closed while registered (the
+    kernel drops it) leaves an entry behind, which must neither block the number's next
+    owner nor ever call the old callback for it."""
+    poller = Poller()
+    stale: list[str] = []
+    try:
+        a, b = socket.socketpair()
+        poller.add_reader(a.fileno(), lambda: stale.append("relay"))
+        number = a.fileno()
+        a.close()
+        b.close()
+        c, d = socket.socketpair()
+        try:
+            assert c.fileno() == number  # Linux gives the lowest free number
+            key = poller.register(c, selectors.EVENT_READ, "asyncio")
+            d.send(b"x")
+            assert poller.select(1) == [(key, selectors.EVENT_READ)] and stale == []
+            poller.unregister(c)
+        finally:
+            c.close()
+            d.close()
+        e, f = socket.socketpair()
+        key = poller.register(e, selectors.EVENT_READ, "asyncio")
+        number = e.fileno()
+        e.close()
+        f.close()
+        g, h = socket.socketpair()
+        try:
+            assert g.fileno() == number
+            calls: list[str] = []
+            poller.add_reader(g.fileno(), lambda: calls.append("relay"))
+            h.send(b"x")
+            assert poller.select(1) == [] and calls == ["relay"]
+            assert len(poller.get_map()) == 0
+            poller.remove_reader(g.fileno())
+        finally:
+            g.close()
+            h.close()
+    finally:
+        poller.close()
