@@ -38,7 +38,7 @@ class Isolator:
     as a rule of that unit alone that never rotates.
     """
 
-    __slots__ = ("mode", "_secret", "_clock", "_none", "_fresh", "_dest", "_client", "user")
+    __slots__ = ("mode", "_secret", "_clock", "_none", "_fresh", "_dest", "_client", "needs_owner")
 
     def __init__(self, mode: IsolationRule | Isolation, secret: bytes | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -52,7 +52,7 @@ class Isolator:
         self._fresh = rule.has(Isolation.CONNECTION) or not rule.units
         self._dest = rule.has(Isolation.DESTINATION)
         self._client = rule.has(Isolation.CLIENT)
-        self.user = rule.has(Isolation.USER)  # the caller looks up the owner only then
+        self.needs_owner = rule.has(Isolation.USER)  # the caller looks up the owner only then
 
     def credentials(self, dest_ip: str, dest_port: int, uid: int | None,
                     client: str | None = None) -> tuple[str, str] | None:
@@ -92,7 +92,7 @@ class Isolator:
             if address is None:
                 return None
             parts.append(f"client|{address}")
-        if self.user:
+        if self.needs_owner:
             if uid is None:
                 return None
             parts.append(f"uid|{uid}")

@@ -259,7 +259,7 @@ class Server:
             return None
         isolator = self._isolators[upstream.name]
         uid = None
-        if isolator.user and self._may_be_local(local):
+        if isolator.needs_owner and self._may_be_local(local):
             uid = client_uid((_norm(peer[0]), peer[1]), (dest.ip, dest.port))
         # isolation = client keys on the peer's address; it is never logged.
         address = _norm(peer[0]) if isolator.mode.has(Isolation.CLIENT) else None
