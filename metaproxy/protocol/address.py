@@ -39,6 +39,11 @@ def unpack(packed: bytes) -> str:
     return str(ipaddress.IPv6Address(packed))
 
 
-def is_canonical_ipv4(text: str) -> bool:
-    """Is ``text`` an IPv4 address spelt as unpack() would spell it?"""
-    return _IPV4.fullmatch(text) is not None
+def canonical(text: str) -> str:
+    """The one spelling of an address, for comparisons and keys: no scope, and a
+    v4-mapped address as IPv4. ValueError if ``text`` is not an IP address."""
+    text = text.split("%", 1)[0]
+    if _IPV4.fullmatch(text) is not None:
+        return text  # the pattern admits only the spelling unpack() gives
+    packed = pack(text)
+    return unpack(packed[12:] if packed[:12] == V4_MAPPED else packed)

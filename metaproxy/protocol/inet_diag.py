@@ -168,10 +168,7 @@ def _ip(text: str) -> tuple[int, bytes]:
 
 def normalise(endpoint: Endpoint) -> Endpoint:
     """The spelling used in comparisons: a v4-mapped address becomes IPv4."""
-    text = endpoint[0].split("%", 1)[0]
-    if address.is_canonical_ipv4(text):
-        return text, endpoint[1]
-    return address.unpack(_ip(text)[1]), endpoint[1]
+    return address.canonical(endpoint[0]), endpoint[1]
 
 
 def _field(packed: bytes) -> bytes:

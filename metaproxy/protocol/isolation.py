@@ -15,12 +15,12 @@ theirs.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import secrets
 import time
 from collections.abc import Callable
 
 from metaproxy.config.model import Isolation, IsolationRule
+from metaproxy.protocol import address
 
 # Tor 0.4.9 gives usernames starting with "<torS0X>" a meaning of its own
 # (extended SOCKS parameters). Every generated name starts with this prefix
@@ -88,10 +88,10 @@ class Isolator:
         if self._dest:
             parts.append(f"dest|{dest_ip}|{dest_port}")
         if self._client:
-            address = _client_address(client)
-            if address is None:
+            client_ip = _client_address(client)
+            if client_ip is None:
                 return None
-            parts.append(f"client|{address}")
+            parts.append(f"client|{client_ip}")
         if self.needs_owner:
             if uid is None:
                 return None
@@ -112,9 +112,6 @@ def _client_address(text: str | None) -> str | None:
     if text is None:
         return None
     try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
+        return address.canonical(text)
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
