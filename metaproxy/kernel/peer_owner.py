@@ -12,12 +12,18 @@ is done this way:
    cost grows with sockets any user can open, and it runs in the event loop.
    The exact lookup costs the same with 10 or 18,000 sockets; the fallback
    (point 5) copies only the matches.
-3. One socket per lookup, non-blocking: the kernel answers a sock_diag request
-   while sendto() runs, so the reply is already queued when recv() is called;
-   if it is not, the owner is unknown. The lookup never waits. A socket per
-   lookup (socket, sendto, recvfrom, close) needs no descriptor opened before
-   the seccomp filter loads; the filter allows socket() for exactly
-   AF_NETLINK, SOCK_RAW, NETLINK_SOCK_DIAG.
+3. One non-blocking socket, kept between lookups: the kernel answers a
+   sock_diag request while sendto() runs, so the reply is already queued when
+   recv() is called; if it is not, the owner is unknown. The lookup never
+   waits. The socket is opened at the first lookup, after the seccomp filter
+   loads (it allows socket() for exactly AF_NETLINK, SOCK_RAW,
+   NETLINK_SOCK_DIAG), and kept because opening and closing one was a
+   quarter of a lookup's cost. An exact lookup's answer is one datagram, so
+   the socket is empty after it; after anything else (an error, a short or
+   foreign reply, a dump, which may be left unread) it is closed, so that no
+   stale datagram can ever answer a later request. A forked child (the
+   tests' namespaces) opens its own: the parent's asks the parent's
+   namespace.
 4. Any doubt (no such socket, not ESTABLISHED, an error, a malformed reply)
    answers None: the caller then isolates the connection on its own, never
    with a shared or root's token.
@@ -36,12 +42,33 @@ is done this way:
 from __future__ import annotations
 
 import itertools
+import os
 import socket
 
 from metaproxy.protocol import inet_diag
 
 _SEQUENCE = itertools.count(1)
 MAX_RECVS = 4  # per dump: MAX_MATCHES entries fit in one or two datagrams
+_kept: socket.socket | None = None  # the sock_diag socket between lookups (point 3)
+
+
+def _netlink() -> socket.socket:
+    global _kept
+    if _kept is None:
+        _kept = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                              inet_diag.NETLINK_SOCK_DIAG)
+    return _kept
+
+
+def _drop() -> None:
+    """Close the kept socket, with whatever it may still hold."""
+    global _kept
+    if _kept is not None:
+        _kept.close()
+        _kept = None
+
+
+os.register_at_fork(after_in_child=_drop)
 
 
 def client_uid(peer: tuple[str, int], dest: tuple[str, int]) -> int | None:
@@ -57,18 +84,22 @@ def client_uid(peer: tuple[str, int], dest: tuple[str, int]) -> int | None:
     except ValueError:
         return None
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-                           inet_diag.NETLINK_SOCK_DIAG) as netlink:
-            netlink.send(request)
-            entry = inet_diag.parse_reply(netlink.recv(inet_diag.REPLY_BUFFER), seq)
-            if entry is not None:
-                return inet_diag.established_owner(entry, peer, dest)
-            # The filter only now: the exact lookup answers almost every time.
-            bytecode = inet_diag.flow_filter(peer[0], dest)
+        netlink = _netlink()
+        netlink.send(request)
+        entry = inet_diag.parse_reply(netlink.recv(inet_diag.REPLY_BUFFER), seq)
+        if entry is not None:
+            return inet_diag.established_owner(entry, peer, dest)
+        # The filter only now: the exact lookup answers almost every time.
+        bytecode = inet_diag.flow_filter(peer[0], dest)
+        try:
             entries = _dump(netlink, inet_diag.dump_request(dest[1], bytecode, seq + 1), seq + 1)
+        finally:
+            _drop()  # a dump may leave datagrams unread
     except OSError:  # EAGAIN (no reply queued), EAFNOSUPPORT (RestrictAddressFamilies), ENOBUFS...
+        _drop()
         return None
     except ValueError:  # DiagError: a malformed or unexpected reply
+        _drop()
         return None
     return inet_diag.agreed_owner(entries, peer[0], dest)
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from metaproxy.config.model import Isolation
+from metaproxy.kernel import peer_owner
 from metaproxy.kernel.peer_owner import client_uid
 from metaproxy.protocol import inet_diag
 from metaproxy.protocol.isolation import Isolator
@@ -196,6 +197,29 @@ CLIENT_ADDRESS, ORIGINAL = "192.0.2.1", "198.51.100.2"
 REUSED_PORT, LISTEN_PORT = 40000, 8675
 OTHER_UID = 4242
 CLONE_NEWNET = 0x40000000
+
+
+
+def test_one_socket_serves_exact_lookups_and_goes_after_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sock_diag socket is kept while each lookup reads exactly its one answer; after a
+    dump (which may leave datagrams unread) or a reply that is not ours it is closed, and a
+    forked child (the namespace tests) never asks through its parent's."""
+    with _accepted("ipv4") as (accepted, peer, dest, _):
+        assert client_uid(peer, dest) == CLIENT_UID
+        kept = peer_owner._kept
+        assert kept is not None and client_uid(peer, dest) == CLIENT_UID and peer_owner._kept is kept
+        child = in_child(lambda: peer_owner._kept is None)
+        assert child.ok and child.value is True, child
+        assert client_uid(peer, (dest[0], 1)) is None  # no such socket: the exact miss, then a dump
+        assert peer_owner._kept is None and kept.fileno() == -1
+        assert client_uid(peer, dest) == CLIENT_UID and peer_owner._kept is not None
+
+        def foreign(data: bytes, seq: int) -> inet_diag.Entry | None:
+            raise inet_diag.DiagError(f"netlink reply to request {seq + 7}, expected {seq}")
+        monkeypatch.setattr(inet_diag, "parse_reply", foreign)
+        assert client_uid(peer, dest) is None and peer_owner._kept is None
+        monkeypatch.undo()
+        assert client_uid(peer, dest) == CLIENT_UID
 
 
 def _ip(*argv: str) -> None:
