@@ -145,6 +145,9 @@ def load_syscall_filter(action: str) -> None:
         raise PrivilegeError(f"unknown seccomp action {action!r}: expected kill, log, trap or off")
     if action == "off":
         return
+    if (machine := os.uname().machine) != "x86_64":  # elsewhere a name missing there kills us unexplained
+        raise PrivilegeError(f"privilege step 'load seccomp filter' failed: its allow-list names amd64 system calls, "
+                             f"this machine is {machine}; run on amd64, or set seccomp = off in [daemon] (no filter)")
     _deny_write_execute()
     seccomp = require_module("seccomp", "python3-seccomp")
     default = {"kill": seccomp.KILL_PROCESS, "trap": seccomp.TRAP, "log": seccomp.LOG}[action]

@@ -30,7 +30,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "metaproxy"
 PRIVILEGED = PACKAGE / "privileged"
-PRIVILEGED_LINE_BUDGET = 663  # 640, +23 for [daemon] groups kept through the drop
+PRIVILEGED_LINE_BUDGET = 666  # 640, +23 for [daemon] groups kept through the drop, +3 refusing non-amd64
 PRIVILEGED_API = {"bind_listeners", "drop_privileges", "restrict_unprivileged", "load_syscall_filter"}
 PURE = ("protocol", "config")
 IO_MODULES = ("asyncio", "socket")

@@ -253,6 +253,24 @@ def test_off_loads_no_filter() -> None:
     assert outcome.ok and outcome.value == "0", outcome
 
 
+def test_another_architecture_is_refused_with_the_remedy_not_killed_later() -> None:
+    """The allow-list names amd64's calls; on arm64 (no epoll_wait) it would load and then
+    kill the daemon at its first event-loop wait, with no word why."""
+    def body() -> str:
+        real = os.uname()
+        arm64 = os.uname_result((real.sysname, real.nodename, real.release, real.version, "aarch64"))
+        os.uname = lambda: arm64
+        try:
+            load_syscall_filter("kill")
+        except PrivilegeError as exc:
+            return f"{exc} | Seccomp: {proc_status()['Seccomp']}"
+        return "loaded"
+    outcome = in_child(body)
+    assert outcome.ok, outcome
+    assert "aarch64" in outcome.value and "seccomp = off" in outcome.value, outcome
+    assert outcome.value.endswith("| Seccomp: 0"), outcome
+
+
 def test_write_xor_execute_holds_even_where_the_filter_only_logs() -> None:
     """Readable-executable and writable mappings still work under kill mode. Where the
     kernel has PR_SET_MDWE (6.3+), a W+X mapping is refused by the kernel itself, so
