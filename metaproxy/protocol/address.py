@@ -24,11 +24,16 @@ V4_MAPPED = bytes(10) + b"\xff\xff"
 def pack(text: str) -> bytes:
     """The 4 or 16 address bytes of ``text``; ValueError if it is not an IP address.
 
-    An IPv6 scope (``%eth0``) is dropped, as ipaddress drops it from ``packed``."""
+    An IPv6 scope (``%eth0``) is dropped, as ipaddress drops it from ``packed``.
+    The error never repeats the text: it may be a destination, and errors reach
+    the log without the debug flag."""
     if ":" in text:
-        return ipaddress.IPv6Address(text).packed
+        try:
+            return ipaddress.IPv6Address(text).packed
+        except ValueError:
+            raise ValueError("not an IPv6 address") from None
     if _IPV4.fullmatch(text) is None:
-        raise ValueError(f"{text!r} does not appear to be an IPv4 or IPv6 address")
+        raise ValueError("not an IPv4 or IPv6 address")
     return bytes(map(int, text.split(".")))
 
 

@@ -38,7 +38,7 @@ class Isolator:
     as a rule of that unit alone that never rotates.
     """
 
-    __slots__ = ("mode", "_secret", "_clock", "_none", "_fresh", "_dest", "_client", "needs_owner")
+    __slots__ = ("mode", "_secret", "_clock", "_none", "_fresh", "_dest", "needs_client", "needs_owner")
 
     def __init__(self, mode: IsolationRule | Isolation, secret: bytes | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -51,7 +51,7 @@ class Isolator:
         self._none = rule.has(Isolation.NONE)
         self._fresh = rule.has(Isolation.CONNECTION) or not rule.units
         self._dest = rule.has(Isolation.DESTINATION)
-        self._client = rule.has(Isolation.CLIENT)
+        self.needs_client = rule.has(Isolation.CLIENT)  # the caller passes the client's address only then
         self.needs_owner = rule.has(Isolation.USER)  # the caller looks up the owner only then
 
     def credentials(self, dest_ip: str, dest_port: int, uid: int | None,
@@ -87,7 +87,7 @@ class Isolator:
         parts = []
         if self._dest:
             parts.append(f"dest|{dest_ip}|{dest_port}")
-        if self._client:
+        if self.needs_client:
             client_ip = _client_address(client)
             if client_ip is None:
                 return None

@@ -136,6 +136,9 @@ class Poller(selectors.BaseSelector):
         try:
             if not old:
                 self._epoll.register(fd, mask)
+                # An asyncio entry for this number is stale (its descriptor was
+                # closed without being unregistered): the epoll had no such one.
+                self._keys.pop(fd, None)
             elif mask:
                 self._epoll.modify(fd, mask)
             else:
@@ -149,9 +152,6 @@ class Poller(selectors.BaseSelector):
             self._readers.pop(fd, None)
             self._writers.pop(fd, None)
             raise KeyError(f"poller: descriptor {fd} is watched by asyncio; a relay cannot watch it too") from None
-        # An asyncio entry for this number is stale (its descriptor was closed
-        # without being unregistered): the epoll had no such descriptor.
-        self._keys.pop(fd, None)
         if mask:
             self._masks[fd] = mask
         else:

@@ -23,18 +23,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
-import ipaddress
 import logging
 import socket
 import time
 from dataclasses import dataclass
 
-from metaproxy.config.model import Config, Isolation, RedirectMode, Upstream, UpstreamType
+from metaproxy.config.model import Config, RedirectMode, Upstream, UpstreamType
 from metaproxy.errors import DestinationUnknown, UpstreamError
 from metaproxy.kernel.original_dst import original_destination
 from metaproxy.kernel.peer_owner import client_uid
 from metaproxy.logsetup import internal_error
 from metaproxy.privacy import Destination
+from metaproxy.protocol import address
 from metaproxy.protocol.isolation import Isolator
 from metaproxy.relay.pipes import PipePool
 from metaproxy.relay.poller import poller_for
@@ -125,7 +125,6 @@ class Server:
         self.pending: dict[int, _Pending] = {}  # by cid: clients whose upstream is being dialled
         self._own = {(_norm(s.getsockname()[0]), s.getsockname()[1]) for s in listeners}
         self._wildcard_ports = {port for ip, port in self._own if _is_any(ip)}
-        self._loopback: dict[str, bool] = {}  # local address -> is it loopback (_may_be_local)
         self._next_id = 0
         self._accepting = False
         self._draining = False
@@ -262,8 +261,8 @@ class Server:
         if isolator.needs_owner and self._may_be_local(local):
             uid = client_uid((_norm(peer[0]), peer[1]), (dest.ip, dest.port))
         # isolation = client keys on the peer's address; it is never logged.
-        address = _norm(peer[0]) if isolator.mode.has(Isolation.CLIENT) else None
-        return isolator.credentials(dest.ip, dest.port, uid, client=address)
+        client = _norm(peer[0]) if isolator.needs_client else None
+        return isolator.credentials(dest.ip, dest.port, uid, client=client)
 
     def _may_be_local(self, local: tuple[str, int]) -> bool:
         """Could this client's socket be in our network namespace, so that it has an owner?
@@ -275,16 +274,10 @@ class Server:
         """
         if self.config.daemon.mode is RedirectMode.TPROXY:
             return True
-        # Our own addresses, so few: remembered, as ipaddress is slow per connection.
-        known = self._loopback.get(local[0])
-        if known is None:
-            if len(self._loopback) >= 64:
-                self._loopback.clear()
-            ip = ipaddress.ip_address(_norm(local[0]))
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped  # a dual-stack listener's IPv4 client
-            known = self._loopback[local[0]] = ip.is_loopback
-        return known
+        # canonical: a dual-stack listener's IPv4 client (::ffff:127.0.0.1) as IPv4,
+        # so that 127.0.0.0/8 and ::1 are all there is to loopback.
+        ip = address.canonical(local[0])
+        return ip.startswith("127.") or ip == "::1"
 
     def _opened(self, cid: int, name: str, dest: Destination, started: float,
                 sock: socket.socket | None, early: bytes, error: UpstreamError | None) -> None:

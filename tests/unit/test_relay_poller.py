@@ -201,7 +201,7 @@ def test_asyncio_streams_timers_and_relay_callbacks_share_the_selector() -> None
     assert data == b"hello" and calls >= 1
 
 
-def test_selector_timeouts_round_up_and_never_block_forever_by_mistake() -> None:
+def test_selector_waits_at_least_its_timeout_and_returns_asyncios_events() -> None:
     """select() waits at least its timeout (epoll counts milliseconds) and returns asyncio's events."""
     poller = Poller()
     a, b = socket.socketpair()
