@@ -66,3 +66,11 @@ def test_canonical_is_what_ipaddress_prints_unscoped_and_v4_mapped_as_ipv4(text:
     except ValueError:
         ours = None
     assert ours == _reference_canonical(text)
+
+
+@pytest.mark.parametrize("text", ["198.51.100.300", "2001:db8::zz", "2001:db8::1:2:3:4:5:6:7"])
+def test_errors_never_repeat_the_text_which_may_be_a_destination(text: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        address.pack(text)
+    assert text not in str(raised.value) and "198.51.100" not in str(raised.value)
+    assert "2001:db8" not in str(raised.value)
